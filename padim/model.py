@@ -1,0 +1,374 @@
+"""The PaDiM model: fitting from batches of normal images and scoring new ones.
+
+:class:`PadimFitter` embeds batches and folds them into a :class:`GaussianAccumulator`;
+:func:`build_model` finalises the statistics into a :class:`PadimModel`, which holds the per-
+position means ``(P, d)`` and whitening factors ``(P, d, d)`` and turns a batch of images into
+anomaly maps ``(B, S, S)`` and image scores ``(B,)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from padim.anomaly_map import AnomalyMapGenerator, image_scores
+from padim.backbones import Backbone, BackboneSpec, get_backbone, get_spec
+from padim.config import PadimConfig
+from padim.embedding import EmbeddingProjector, build_projector
+from padim.features import FeatureExtractor
+from padim.mahalanobis import mahalanobis_distances, whitening_from_accumulator
+from padim.preprocessing import Preprocessor
+from padim.statistics import GaussianAccumulator
+
+
+def resolve_channels(config: PadimConfig, spec: BackboneSpec) -> int:
+    """Embedding dimension ``d`` of a configuration.
+
+    Args:
+        config: Model options.
+        spec: The backbone's description.
+
+    Returns:
+        ``config.channels``, the backbone default when unset, or ``D`` for ``"all"``.
+    """
+    if config.channel_selection == "all":
+        return spec.total_channels
+    return config.channels if config.channels is not None else spec.default_channels
+
+
+def grid_size(config: PadimConfig, spec: BackboneSpec) -> tuple[int, int]:
+    """Side lengths ``(h, w)`` of the patch grid (stride of the first tap).
+
+    Args:
+        config: Model options.
+        spec: The backbone's description.
+
+    Returns:
+        ``(S / stride, S / stride)``.
+    """
+    side = -(-config.input_size // spec.strides[0])
+    return side, side
+
+
+def new_projector(config: PadimConfig) -> EmbeddingProjector:
+    """Channel reduction of a configuration (deterministic: a function of the seed).
+
+    Args:
+        config: Model options.
+
+    Returns:
+        The projector every shard and every refit of this configuration shares.
+    """
+    spec = get_spec(config.backbone)
+    return build_projector(spec.channels, resolve_channels(config, spec), config.channel_selection, config.seed)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Pick the compute device: CUDA when present for ``"auto"``/``None``.
+
+    Args:
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a device.
+
+    Returns:
+        The device.
+
+    Raises:
+        ValueError: If CUDA is requested but not available.
+    """
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu")
+    return resolved
+
+
+@dataclass
+class Thresholds:
+    """Decision thresholds calibrated on normal images only.
+
+    Attributes:
+        image: Image-score threshold; an image is anomalous when its score exceeds it.
+        pixel: Anomaly-map threshold for the defect region.
+        image_fpr: Target false-positive rate the image threshold was set at.
+        pixel_fpr: Target false-positive rate of the pixel threshold.
+        n_images: Number of held-out normal images used.
+        method: How they were obtained (``"holdout"``, ``"folder"``...).
+    """
+
+    image: float
+    pixel: float
+    image_fpr: float
+    pixel_fpr: float
+    n_images: int
+    method: str = "holdout"
+
+
+@dataclass
+class Prediction:
+    """Output of scoring a batch.
+
+    Attributes:
+        anomaly_maps: Shape ``(B, S, S)``, float32, on the CPU.
+        scores: Image scores (maximum of each map), shape ``(B,)``.
+    """
+
+    anomaly_maps: torch.Tensor
+    scores: torch.Tensor
+
+
+@dataclass
+class TrainingInfo:
+    """Provenance of a fitted model.
+
+    Attributes:
+        n_train: Number of images in the statistics.
+        training_set_sha256: Digest of the sorted content hashes of the training images.
+        training_images: ``(uri, sha256)`` of every training image.
+    """
+
+    n_train: int
+    training_set_sha256: str
+    training_images: list[tuple[str, str]] = field(default_factory=list)
+
+
+class PadimFitter:
+    """Accumulate the statistics of normal images for one configuration.
+
+    Args:
+        config: Model options.
+        device: Compute device (``"auto"`` picks CUDA when present).
+        accumulator: Existing statistics to continue from (incremental refit), or ``None``.
+        amp_dtype: Optional reduced precision for the backbone on CUDA.
+    """
+
+    def __init__(
+        self,
+        config: PadimConfig,
+        device: str | torch.device | None = "cpu",
+        accumulator: GaussianAccumulator | None = None,
+        amp_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.config = config
+        self.device = resolve_device(device)
+        self.spec = get_spec(config.backbone)
+        self.backbone = get_backbone(config.backbone, config.weights, self.device)
+        self.projector = new_projector(config).to(self.device)
+        self.extractor = FeatureExtractor(self.backbone, self.projector, amp_dtype=amp_dtype)
+        h, w = grid_size(config, self.spec)
+        dim = self.projector.out_channels
+        if accumulator is None:
+            accumulator = GaussianAccumulator(h * w, dim, device=self.device)
+        elif (accumulator.num_positions, accumulator.dim) != (h * w, dim):
+            raise ValueError(
+                f"existing statistics have P={accumulator.num_positions}, d={accumulator.dim}; "
+                f"this configuration needs P={h * w}, d={dim}"
+            )
+        self.accumulator = accumulator
+
+    def preprocessor(self) -> Preprocessor:
+        """Image transform matching this configuration and backbone."""
+        return Preprocessor(self.config, self.spec.mean, self.spec.std)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Embed a batch.
+
+        Args:
+            images: Shape ``(B, 3, S, S)``.
+
+        Returns:
+            Shape ``(B, d, S/4, S/4)``.
+        """
+        return self.extractor(images)
+
+    def update(self, images: torch.Tensor) -> torch.Tensor:
+        """Embed a batch and fold it into the statistics.
+
+        Args:
+            images: Shape ``(B, 3, S, S)``.
+
+        Returns:
+            The batch's embeddings, shape ``(B, d, S/4, S/4)`` (for calibration reuse).
+        """
+        embeddings = self.embed(images)
+        self.accumulator.update(embeddings)
+        return embeddings
+
+
+class PadimModel(nn.Module):
+    """A fitted PaDiM model.
+
+    Args:
+        config: Options the model was fitted with.
+        projector: Channel reduction, same as at fit time.
+        mean: Per-position means, shape ``(P, d)``.
+        factor: Per-position whitening matrices ``L^{-1}``, shape ``(P, d, d)``.
+        weights_sha256: Identity of the backbone weights the statistics were computed with.
+        training: Provenance of the statistics.
+        thresholds: Calibrated decision thresholds, if any.
+        accumulator: The raw statistics (kept for incremental refits), if available.
+    """
+
+    def __init__(
+        self,
+        config: PadimConfig,
+        projector: EmbeddingProjector,
+        mean: torch.Tensor,
+        factor: torch.Tensor,
+        weights_sha256: str,
+        training: TrainingInfo,
+        thresholds: Thresholds | None = None,
+        accumulator: GaussianAccumulator | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.spec = get_spec(config.backbone)
+        self.projector = projector
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("factor", factor)
+        self.weights_sha256 = weights_sha256
+        self.training = training
+        self.thresholds = thresholds
+        self.accumulator = accumulator
+        self.grid = grid_size(config, self.spec)
+        self.anomaly_map = AnomalyMapGenerator(config.input_size, config.blur_sigma)
+        self._extractor: FeatureExtractor | None = None
+        self.position_chunk: int | None = None
+
+    @property
+    def channels(self) -> int:
+        """Embedding dimension ``d``."""
+        return int(self.mean.shape[1])
+
+    def preprocessor(self) -> Preprocessor:
+        """Image transform matching this model."""
+        return Preprocessor(self.config, self.spec.mean, self.spec.std)
+
+    def attach_backbone(self, backbone: Backbone, amp_dtype: torch.dtype | None = None) -> None:
+        """Use ``backbone`` (its weights must be the ones the model was fitted with).
+
+        Args:
+            backbone: A loaded backbone of the model's kind.
+            amp_dtype: Optional reduced precision for the backbone on CUDA.
+
+        Raises:
+            ValueError: If the backbone or its weights differ from the model's.
+        """
+        if backbone.spec.name != self.config.backbone:
+            raise ValueError(f"model was fitted with {self.config.backbone}, not {backbone.spec.name}")
+        if backbone.weights_sha256 != self.weights_sha256:
+            raise ValueError(
+                f"backbone weights {backbone.weights_sha256[:12]} differ from the model's {self.weights_sha256[:12]}"
+            )
+        self._extractor = FeatureExtractor(backbone, self.projector, amp_dtype=amp_dtype)
+        self.to(backbone.device)
+
+    def extractor(self) -> FeatureExtractor:
+        """The feature extractor, loading the backbone on first use."""
+        if self._extractor is None:
+            device = self.mean.device
+            self.attach_backbone(get_backbone(self.config.backbone, self.config.weights, device))
+        extractor = self._extractor
+        if extractor is None:
+            raise RuntimeError("backbone could not be attached")
+        return extractor
+
+    def to_device(self, device: str | torch.device | None, factor_dtype: torch.dtype | None = None) -> PadimModel:
+        """Move the model (and its backbone) to a device, optionally storing the factor in reduced precision.
+
+        Args:
+            device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+            factor_dtype: ``torch.float16``/``torch.bfloat16`` to halve the factor's memory and
+                bandwidth on a GPU; ``None`` keeps its dtype.
+
+        Returns:
+            ``self``.
+        """
+        target = resolve_device(device)
+        if factor_dtype is not None:
+            self.factor = self.factor.to(factor_dtype)
+        self.to(target)
+        if self._extractor is not None and self._extractor.device != target:
+            self._extractor = None
+        return self
+
+    @torch.inference_mode()
+    def anomaly_maps_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Anomaly maps from embeddings.
+
+        Args:
+            embeddings: Shape ``(B, d, h, w)``.
+
+        Returns:
+            Shape ``(B, S, S)``, float32, on the model's device.
+        """
+        distances = mahalanobis_distances(
+            embeddings.to(self.mean.device), self.mean, self.factor, chunk=self.position_chunk
+        )
+        return self.anomaly_map(distances)
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """Score a batch of preprocessed images.
+
+        Args:
+            images: Shape ``(B, 3, S, S)``, normalised by :meth:`preprocessor`.
+
+        Returns:
+            Anomaly maps ``(B, S, S)`` and scores ``(B,)``, on the CPU.
+        """
+        embeddings = self.extractor()(images)
+        maps = self.anomaly_maps_from_embeddings(embeddings)
+        return Prediction(anomaly_maps=maps.cpu(), scores=image_scores(maps).cpu())
+
+
+def build_model(
+    fitter_or_config: PadimFitter | PadimConfig,
+    accumulator: GaussianAccumulator | None = None,
+    *,
+    weights_sha256: str | None = None,
+    training: TrainingInfo | None = None,
+    thresholds: Thresholds | None = None,
+    factor_dtype: torch.dtype = torch.float32,
+    keep_statistics: bool = True,
+) -> PadimModel:
+    """Finalise accumulated statistics into a model.
+
+    Args:
+        fitter_or_config: The fitter that accumulated the statistics, or a configuration (then
+            ``accumulator`` and ``weights_sha256`` are required, e.g. after merging shards).
+        accumulator: Statistics to finalise (default: the fitter's).
+        weights_sha256: Identity of the backbone weights (default: the fitter's backbone).
+        training: Provenance; default records only the count.
+        thresholds: Calibrated thresholds, if already known.
+        factor_dtype: Storage dtype of the whitening factor.
+        keep_statistics: Keep the accumulator on the model for incremental refits.
+
+    Returns:
+        The fitted model, on the accumulator's device.
+    """
+    if isinstance(fitter_or_config, PadimFitter):
+        config = fitter_or_config.config
+        accumulator = accumulator or fitter_or_config.accumulator
+        weights_sha256 = weights_sha256 or fitter_or_config.backbone.weights_sha256
+        projector = fitter_or_config.projector
+    else:
+        config = fitter_or_config
+        projector = new_projector(config)
+        if accumulator is None or weights_sha256 is None:
+            raise ValueError("building a model from a configuration needs the accumulator and weights_sha256")
+    factor = whitening_from_accumulator(accumulator, config.eps, config.covariance, dtype=factor_dtype)
+    training = training or TrainingInfo(n_train=accumulator.n, training_set_sha256="")
+    model = PadimModel(
+        config=config,
+        projector=projector.to(accumulator.device),
+        mean=accumulator.mean.float(),
+        factor=factor,
+        weights_sha256=weights_sha256,
+        training=training,
+        thresholds=thresholds,
+        accumulator=accumulator if keep_statistics else None,
+    )
+    return model.to(accumulator.device)
