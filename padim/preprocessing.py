@@ -117,3 +117,23 @@ def map_to_original(anomaly_map: torch.Tensor, width: int, height: int, config: 
     full = torch.full((height, width), float(anomaly_map.min()), dtype=inner.dtype)
     full[y0 : min(y1, height), x0 : min(x1, width)] = inner[: min(y1, height) - y0, : min(x1, width) - x0]
     return full
+
+
+def input_to_original_xy(x: float, y: float, width: int, height: int, config: PadimConfig) -> tuple[int, int]:
+    """Map a pixel of the model input back to the original image.
+
+    Args:
+        x: Column in the model input (``0 .. S-1``).
+        y: Row in the model input.
+        width: Original width.
+        height: Original height.
+        config: The preprocessing options.
+
+    Returns:
+        ``(x, y)`` in original pixel coordinates, clipped to the image.
+    """
+    geometry = compute_geometry(width, height, config)
+    left, top = geometry.crop_box[0], geometry.crop_box[1]
+    ox = (x + 0.5 + left) * width / geometry.resized[0] - 0.5
+    oy = (y + 0.5 + top) * height / geometry.resized[1] - 0.5
+    return min(max(round(ox), 0), width - 1), min(max(round(oy), 0), height - 1)
