@@ -1,0 +1,224 @@
+"""Small helpers over fsspec so that every component reads and writes URLs the same way.
+
+A *URL* here is anything fsspec understands: a local path (relative or absolute), ``file://...``
+or ``s3://bucket/key``. Credentials and the endpoint of object stores are never passed by hand:
+s3fs/botocore read the standard AWS environment variables (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_PROFILE`` ...) and
+fsspec's own configuration (``FSSPEC_S3_*`` variables or ``~/.config/fsspec``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from typing import Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+__all__ = [
+    "HASH_CHUNK_BYTES",
+    "exists",
+    "fsync_dir",
+    "is_local",
+    "join_url",
+    "protocol_of",
+    "read_bytes",
+    "sha256_of",
+    "to_url",
+    "url_to_fs",
+    "write_bytes_atomic",
+]
+
+HASH_CHUNK_BYTES = 8 * 1024 * 1024
+"""Chunk size used when streaming a file through sha256 (files may be hundreds of MB)."""
+
+_LOCAL_PROTOCOLS = frozenset({"file", "local"})
+
+
+def url_to_fs(url: str) -> tuple[AbstractFileSystem, str]:
+    """Resolve a URL to its filesystem and the path inside it.
+
+    Args:
+        url: A local path, ``file://`` URL or remote URL such as ``s3://bucket/key``.
+
+    Returns:
+        ``(fs, path)``; for local URLs ``path`` is absolute, for S3 it is ``bucket/key`` (no
+        protocol). The filesystem instance is fsspec's cached one for the default options.
+    """
+    fs, path = fsspec.core.url_to_fs(os.fspath(url))
+    return fs, path
+
+
+def protocol_of(url: str) -> str:
+    """Return the protocol of a URL (``"file"`` for plain local paths).
+
+    Args:
+        url: Any fsspec URL or local path.
+
+    Returns:
+        The protocol name in lower case, e.g. ``"s3"`` or ``"file"``.
+    """
+    if "://" not in url:
+        return "file"
+    return url.split("://", 1)[0].lower()
+
+
+def is_local(url: str) -> bool:
+    """Tell whether a URL points to the local filesystem (plain path or ``file://``).
+
+    Args:
+        url: Any fsspec URL or local path.
+
+    Returns:
+        True for local paths and ``file://``/``local://`` URLs.
+    """
+    return protocol_of(url) in _LOCAL_PROTOCOLS
+
+
+def to_url(fs: AbstractFileSystem, path: str) -> str:
+    """Turn a path returned by ``fs`` (e.g. from ``find``) back into a full URL.
+
+    Args:
+        fs: The filesystem the path belongs to.
+        path: A path as fsspec returns it (``bucket/key`` for S3, absolute path locally).
+
+    Returns:
+        ``s3://bucket/key`` for remote filesystems; the plain absolute path for local ones.
+    """
+    if _fs_is_local(fs):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def join_url(base: str, *parts: str) -> str:
+    """Join path segments onto a URL, keeping its protocol.
+
+    ``join_url("s3://b/k", "x", "y.png") == "s3://b/k/x/y.png"``,
+    ``join_url("/data", "x") == "/data/x"``, ``join_url("file:///data", "x") == "file:///data/x"``.
+    Leading and trailing slashes of the parts are dropped and empty parts are skipped, so a part can
+    never turn the result into an absolute path. This function does not check for ``..``; callers
+    that join untrusted names must validate them (see :func:`padim.store.ModelStore.artifact_url`).
+
+    Args:
+        base: The base URL or local path.
+        *parts: Segments to append; each may itself contain ``/``.
+
+    Returns:
+        The joined URL.
+    """
+    cleaned = [p.strip("/") for p in parts]
+    cleaned = [p for p in cleaned if p]
+    if not cleaned:
+        return base
+    if "://" in base:
+        head = base.rstrip("/") if not base.endswith("://") else base
+        sep = "" if head.endswith("://") else "/"
+        return head + sep + "/".join(cleaned)
+    return os.path.join(base, *cleaned)
+
+
+def read_bytes(url: str) -> bytes:
+    """Read a whole file.
+
+    Args:
+        url: File URL.
+
+    Returns:
+        The file's content.
+
+    Raises:
+        FileNotFoundError, PermissionError, IsADirectoryError, OSError: As raised by fsspec.
+    """
+    fs, path = url_to_fs(url)
+    return fs.cat_file(path)
+
+
+def exists(url: str) -> bool:
+    """Tell whether a file or folder (S3: object or prefix) exists.
+
+    Args:
+        url: Any URL.
+
+    Returns:
+        True when something exists at ``url``.
+    """
+    fs, path = url_to_fs(url)
+    return bool(fs.exists(path))
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write a file so that readers see either the old content or the new one, never a mix.
+
+    Locally the data go to a temporary file in the same folder (created if needed), are flushed
+    and fsynced, then ``os.replace`` moves it over the target. On object stores a single PUT is
+    already atomic, so the bytes are written in one request.
+
+    Args:
+        url: Target file URL.
+        data: The complete new content.
+    """
+    fs, path = url_to_fs(url)
+    if not _fs_is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(folder)
+
+
+def fsync_dir(folder: str) -> None:
+    """Flush a local folder's entries to disk (best effort; a no-op where unsupported).
+
+    Args:
+        folder: Local folder path.
+    """
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def sha256_of(url: str, chunk_bytes: int = HASH_CHUNK_BYTES) -> tuple[str, int]:
+    """Stream a file through sha256 without loading it whole.
+
+    Args:
+        url: File URL.
+        chunk_bytes: Read size per step.
+
+    Returns:
+        ``(hex digest, size in bytes)``.
+    """
+    fs, path = url_to_fs(url)
+    digest = hashlib.sha256()
+    size = 0
+    with fs.open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(chunk_bytes)
+            if not chunk:
+                break
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _fs_is_local(fs: AbstractFileSystem) -> bool:
+    """Tell whether a filesystem instance is the local one."""
+    protocols: Any = fs.protocol
+    names = (protocols,) if isinstance(protocols, str) else tuple(protocols)
+    return any(name in _LOCAL_PROTOCOLS for name in names)

@@ -1,0 +1,660 @@
+"""Image sources: listing image folders on any fsspec URL, robust decoding and background loading.
+
+Every image is identified by its URI and the sha256 of its raw bytes. A file that cannot be read
+or decoded never stops a run: it comes back as an :class:`ImageRecord` whose ``error`` holds a
+short human reason (the table is in ``docs/storage.md``).
+
+Decoding policy (what :func:`decode_image` returns is always an 8-bit ``RGB`` PIL image):
+
+* ``RGB``: unchanged. ``L``, ``1``, ``P`` (palette), ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``:
+  converted with PIL's standard conversion.
+* Images with alpha (``RGBA``, ``LA``, ``PA``, ``P`` with a transparency entry, ``RGBa``, ``La``)
+  are composited on black: transparent pixels become black (not whatever colour the encoder left
+  under them), so two files that look the same give the same tensor.
+* 16-bit grayscale (``I;16*``) is scaled by the fixed full range, ``v8 = round(v16 / 257)``
+  (65535 -> 255), never by the image's own min/max: absolute brightness stays comparable across
+  images, so an under-exposed part still looks under-exposed. 32-bit ``I`` images whose values fit
+  in 0..65535 are treated the same; others, and float ``F`` images outside 0..1, are scaled by
+  their actual min..max range (``F`` within 0..1 is multiplied by 255).
+* EXIF orientation is applied (:func:`PIL.ImageOps.exif_transpose`); width and height reported
+  in :class:`ImageRecord` are the size after that rotation.
+* Only the formats of :data:`SUPPORTED_FORMATS` are opened, whatever the file extension says
+  (this also keeps PIL away from formats that call external programs).
+* The declared width x height is checked against ``max_pixels`` from the header, before any pixel
+  is decoded. PIL's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, not modified here)
+  still applies; its error is reported as :class:`~padim.errors.ImageDecodeError` too.
+* Truncated files are always rejected, even when some other code has set PIL's global
+  ``ImageFile.LOAD_TRUNCATED_IMAGES``: pixels are fully loaded, PNG files are structurally
+  verified (chunk lengths and CRCs up to ``IEND``) and, if that global is on, JPEG files must
+  end with an end-of-image marker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from padim.errors import ConfigError, ImageDecodeError, ImageSourceError
+from padim.fsio import to_url, url_to_fs
+
+__all__ = [
+    "DEFAULT_EXTENSIONS",
+    "DEFAULT_MAX_PIXELS",
+    "SUPPORTED_FORMATS",
+    "ImageRecord",
+    "LoadedBatch",
+    "Transform",
+    "decode_image",
+    "default_num_workers",
+    "iter_batches",
+    "list_images",
+    "load_pil",
+    "read_image",
+    "read_image_record",
+]
+
+DEFAULT_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "bmp", "tif", "tiff")
+"""File extensions :func:`list_images` keeps by default (matched case-insensitively)."""
+
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+"""Largest accepted declared width x height (67,108,864 pixels, e.g. 8192 x 8192)."""
+
+SUPPORTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "DIB", "TIFF")
+"""PIL format names :func:`decode_image` is allowed to open (JPEG includes multi-picture MPO)."""
+
+Transform = Callable[[Image.Image], torch.Tensor]
+"""Caller-supplied preprocessing: RGB PIL image -> tensor ``(3, H, W)`` (float32 expected)."""
+
+_HIGH_DEPTH_16 = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_EXIF_ORIENTATION = 0x0112
+
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+    (b"GIF8", "GIF"),
+    (b"RIFF", "RIFF/WebP"),
+    (b"%PDF", "PDF"),
+    (b"%!PS", "PostScript"),
+)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """Identity and outcome of one image.
+
+    Attributes:
+        uri: Full URI as listed (``s3://...`` or an absolute local path).
+        sha256: Hex sha256 of the raw file bytes; None when the file could not be read at all.
+        width: Width in pixels after EXIF orientation; None when decoding failed.
+        height: Height in pixels after EXIF orientation; None when decoding failed.
+        error: Short human reason why the image was skipped; None for a good image.
+    """
+
+    uri: str
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the image was read and decoded."""
+        return self.error is None
+
+
+@dataclass
+class LoadedBatch:
+    """One batch from :func:`iter_batches`.
+
+    Attributes:
+        records: The good images, in input order; ``records[i]`` is row ``i`` of ``images``.
+        images: Stacked transform outputs, shape ``(B, 3, H, W)`` with ``B == len(records)``
+            (dtype as produced by the transform, float32 expected); **None when every image of
+            the batch failed** (``records`` is then empty).
+        failed: The images of this batch that were skipped, in input order, each with ``error``.
+    """
+
+    records: list[ImageRecord]
+    images: torch.Tensor | None
+    failed: list[ImageRecord] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        """Number of good images (rows of ``images``)."""
+        return len(self.records)
+
+
+# --------------------------------------------------------------------------------------------
+# Listing
+# --------------------------------------------------------------------------------------------
+
+
+def list_images(
+    url: str,
+    extensions: Sequence[str] = DEFAULT_EXTENSIONS,
+    include_hidden: bool = False,
+) -> list[str]:
+    """List image files under a folder or object-store prefix, recursively.
+
+    Args:
+        url: Folder URL: a local path, ``file://...`` or ``s3://bucket/prefix``.
+        extensions: Extensions to keep, with or without a dot, matched case-insensitively.
+        include_hidden: Also list files or folders whose name starts with ``.`` (skipped by
+            default: ``.ipynb_checkpoints``, macOS ``._x.png`` resource forks and the like).
+
+    Returns:
+        Full URIs sorted lexicographically (deterministic): ``s3://bucket/key`` for S3, absolute
+        paths for local folders. An existing folder without images gives ``[]``.
+
+    Raises:
+        ImageSourceError: The folder does not exist, is a file, or cannot be listed.
+    """
+    wanted = _normalise_extensions(extensions)
+    fs, root = url_to_fs(url)
+    try:
+        fs.invalidate_cache(root)
+        if not fs.isdir(root):
+            if fs.exists(root):
+                raise ImageSourceError(f"not a folder: {url}")
+            raise ImageSourceError(f"no such folder: {url}")
+        paths = fs.find(root, withdirs=False)
+    except PermissionError as exc:
+        raise ImageSourceError(f"cannot list {url}: permission denied") from exc
+    except FileNotFoundError as exc:
+        raise ImageSourceError(f"no such folder: {url}") from exc
+    except OSError as exc:
+        raise ImageSourceError(f"cannot list {url}: {exc}") from exc
+    prefix = root.rstrip("/") + "/"
+    kept = [to_url(fs, p) for p in paths if _has_extension(p, wanted) and (include_hidden or not _is_hidden(p, prefix))]
+    return sorted(kept)
+
+
+def _normalise_extensions(extensions: Sequence[str]) -> frozenset[str]:
+    """Lower-case extensions without their leading dot."""
+    if isinstance(extensions, str):
+        extensions = (extensions,)
+    wanted = frozenset(e.lower().lstrip(".") for e in extensions if e.strip("."))
+    if not wanted:
+        raise ConfigError("extensions must name at least one file extension, e.g. ('png', 'jpg')")
+    return wanted
+
+
+def _has_extension(path: str, wanted: frozenset[str]) -> bool:
+    """True when the file name ends with one of the wanted extensions (case-insensitive)."""
+    name = path.rsplit("/", 1)[-1]
+    _, dot, ext = name.rpartition(".")
+    return bool(dot) and ext.lower() in wanted
+
+
+def _is_hidden(path: str, root_prefix: str) -> bool:
+    """True when a component of ``path`` below the listed root starts with a dot."""
+    relative = path[len(root_prefix) :] if path.startswith(root_prefix) else path
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode raw file bytes into an 8-bit RGB image (see the module docstring for the policy).
+
+    Args:
+        data: The complete file content.
+        uri: Where the bytes came from (only used in error messages).
+        max_pixels: Largest accepted declared ``width * height``, checked before decoding.
+
+    Returns:
+        A fully loaded ``RGB`` PIL image, EXIF orientation applied.
+
+    Raises:
+        ImageDecodeError: With attribute ``reason`` (a short human reason) for an empty,
+            truncated, corrupt, unsupported or oversized file.
+    """
+    if max_pixels <= 0:
+        raise ConfigError(f"max_pixels must be positive, got {max_pixels}")
+    if not data:
+        raise _decode_error(uri, "empty file (0 bytes)")
+    image = _open_image(data, uri)
+    try:
+        _check_declared_size(image, uri, max_pixels)
+        _check_complete(image, data, uri)
+        _load_pixels(image, uri)
+        result = _to_rgb(_apply_exif_orientation(image))
+    except BaseException:
+        image.close()
+        raise
+    if result is not image:
+        image.close()
+    return result
+
+
+def _decode_error(uri: str, reason: str) -> ImageDecodeError:
+    """Build an ImageDecodeError carrying ``reason`` and ``uri`` as attributes."""
+    error = ImageDecodeError(f"cannot use image {uri}: {reason}")
+    error.reason = reason  # type: ignore[attr-defined]
+    error.uri = uri  # type: ignore[attr-defined]
+    return error
+
+
+def _reason_of(error: BaseException) -> str:
+    """The short reason of an ImageDecodeError (its message for other errors)."""
+    return str(getattr(error, "reason", None) or error)
+
+
+def _open_image(data: bytes, uri: str) -> Image.Image:
+    """Open (parse the header of) an image restricted to the supported formats."""
+    try:
+        return Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise _decode_error(uri, f"decompression bomb rejected by PIL ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise _decode_error(uri, _unidentified_reason(data)) from exc
+    except Exception as exc:
+        raise _decode_error(uri, f"corrupt image header ({_describe(exc)})") from exc
+
+
+def _unidentified_reason(data: bytes) -> str:
+    """Explain why PIL could not identify a file, from its first bytes."""
+    kind = _sniff_format(data)
+    if kind in SUPPORTED_FORMATS:
+        return f"corrupt {kind} file (header unreadable or no image data)"
+    if kind is not None:
+        return f"unsupported image format ({kind})"
+    if _looks_like_text(data):
+        return "not an image (looks like a text file)"
+    return "not an image (unrecognised file format)"
+
+
+def _sniff_format(data: bytes) -> str | None:
+    """Name the format announced by a file's magic bytes, if any."""
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    return None
+
+
+def _looks_like_text(data: bytes) -> bool:
+    """True when the first KiB decodes as UTF-8 without control characters (other than spacing)."""
+    head = data[:1024]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        # A multi-byte character may be cut at the 1 KiB boundary.
+        try:
+            text = head[:-4].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return all(ch.isprintable() or ch in "\t\r\n\f" for ch in text)
+
+
+def _check_declared_size(image: Image.Image, uri: str, max_pixels: int) -> None:
+    """Reject images whose header declares zero or too many pixels."""
+    width, height = image.size
+    pixels = width * height
+    if pixels == 0:
+        raise _decode_error(uri, f"empty image ({width}x{height} pixels)")
+    if pixels > max_pixels:
+        raise _decode_error(
+            uri,
+            f"image too large: {width}x{height} = {pixels:,} pixels exceeds the limit of "
+            f"{max_pixels:,} (possible decompression bomb)",
+        )
+
+
+def _check_complete(image: Image.Image, data: bytes, uri: str) -> None:
+    """Detect truncation independently of PIL's global LOAD_TRUNCATED_IMAGES switch."""
+    if image.format == "PNG":
+        _verify_png(data, uri)
+    elif image.format in ("JPEG", "MPO") and ImageFile.LOAD_TRUNCATED_IMAGES and not _has_jpeg_end(data):
+        # PIL would fill a truncated JPEG with grey; require the end-of-image marker instead.
+        raise _decode_error(uri, "truncated JPEG file (no end-of-image marker)")
+
+
+def _has_jpeg_end(data: bytes) -> bool:
+    """True when JPEG data end with the end-of-image marker (padding ignored)."""
+    return data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+
+
+def _verify_png(data: bytes, uri: str) -> None:
+    """Walk every PNG chunk up to IEND, checking lengths and CRCs."""
+    try:
+        with Image.open(io.BytesIO(data), formats=("PNG",)) as probe:
+            probe.verify()
+    except Exception as exc:
+        raise _decode_error(uri, f"truncated or corrupt PNG file ({_describe(exc)})") from exc
+
+
+def _load_pixels(image: Image.Image, uri: str) -> None:
+    """Decode all pixels now so that truncation and corruption surface here."""
+    try:
+        image.load()
+    except Image.DecompressionBombError as exc:
+        raise _decode_error(uri, f"decompression bomb rejected by PIL ({exc})") from exc
+    except Exception as exc:
+        raise _decode_error(uri, f"truncated or corrupt image data ({_describe(exc)})") from exc
+
+
+def _describe(error: BaseException) -> str:
+    """One-line description of a low-level error."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return text or type(error).__name__
+
+
+def _apply_exif_orientation(image: Image.Image) -> Image.Image:
+    """Rotate/flip according to the EXIF orientation tag (unchanged when absent or unreadable)."""
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:
+        return image
+    if orientation in (None, 1):
+        return image
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:
+        return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any supported mode to 8-bit RGB (policy in the module docstring)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _HIGH_DEPTH_16 or mode in ("I", "F"):
+        return _high_depth_to_rgb(image)
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in _ALPHA_MODES:
+        return _composite_on_black(image)
+    return image.convert("RGB")
+
+
+def _composite_on_black(image: Image.Image) -> Image.Image:
+    """Composite an image with alpha over a black background."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGB", rgba.size, (0, 0, 0))
+    background.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+    return background
+
+
+def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit integer or float grayscale image to 8-bit RGB."""
+    values = np.asarray(image)
+    if image.mode in _HIGH_DEPTH_16 or _fits_16bit(image.mode, values):
+        scaled = _scale_full_16bit(values)
+    elif image.mode == "F" and values.size and np.nanmin(values) >= 0 and np.nanmax(values) <= 1:
+        scaled = np.rint(np.nan_to_num(values.astype(np.float64)) * 255.0)
+    else:
+        scaled = _scale_by_range(values)
+    gray = Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), mode="L")
+    return gray.convert("RGB")
+
+
+def _fits_16bit(mode: str, values: np.ndarray) -> bool:
+    """True for a 32-bit integer image whose values all lie in 0..65535."""
+    return mode == "I" and values.size > 0 and values.min() >= 0 and values.max() <= 65535
+
+
+def _scale_full_16bit(values: np.ndarray) -> np.ndarray:
+    """Map 0..65535 to 0..255 with rounding (v / 257)."""
+    return (values.astype(np.uint32) + 128) // 257
+
+
+def _scale_by_range(values: np.ndarray) -> np.ndarray:
+    """Map the finite min..max of an array to 0..255 (a constant image maps to 0)."""
+    data = values.astype(np.float64)
+    finite = np.isfinite(data)
+    if not finite.any():
+        return np.zeros(data.shape, dtype=np.float64)
+    low, high = float(data[finite].min()), float(data[finite].max())
+    span = high - low
+    data = np.where(finite, data, low)
+    if span <= 0:
+        return np.zeros(data.shape, dtype=np.float64)
+    return np.rint((data - low) / span * 255.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading single images
+# --------------------------------------------------------------------------------------------
+
+
+def read_image(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[ImageRecord, Image.Image | None]:
+    """Read, hash and decode one image without raising for bad files.
+
+    Args:
+        uri: Image URI.
+        max_pixels: Largest accepted declared ``width * height``.
+
+    Returns:
+        ``(record, image)``: ``image`` is the RGB PIL image, or None with ``record.error`` set.
+    """
+    try:
+        data = _read_raw(uri)
+    except ImageDecodeError as exc:
+        return ImageRecord(uri=uri, error=_reason_of(exc)), None
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        image = decode_image(data, uri, max_pixels)
+    except ImageDecodeError as exc:
+        return ImageRecord(uri=uri, sha256=digest, error=_reason_of(exc)), None
+    record = ImageRecord(uri=uri, sha256=digest, width=image.width, height=image.height)
+    return record, image
+
+
+def read_image_record(
+    uri: str, transform: Transform, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[ImageRecord, torch.Tensor | None]:
+    """Read, hash, decode and transform one image without raising for bad files.
+
+    Args:
+        uri: Image URI.
+        transform: RGB PIL image -> tensor ``(3, H, W)``.
+        max_pixels: Largest accepted declared ``width * height``.
+
+    Returns:
+        ``(record, tensor)``: ``tensor`` has shape ``(3, H, W)``, or is None with ``record.error``
+        set (a transform that raises is reported as ``"transform failed: ..."``).
+    """
+    record, image = read_image(uri, max_pixels)
+    if image is None:
+        return record, None
+    try:
+        tensor = transform(image)
+    except Exception as exc:
+        failed = ImageRecord(
+            uri=uri,
+            sha256=record.sha256,
+            width=record.width,
+            height=record.height,
+            error=f"transform failed ({type(exc).__name__}: {_describe(exc)})",
+        )
+        return failed, None
+    finally:
+        image.close()
+    return record, tensor
+
+
+def load_pil(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Load one image as RGB at its original size (for visualisation).
+
+    Args:
+        uri: Image URI.
+        max_pixels: Largest accepted declared ``width * height``.
+
+    Returns:
+        The RGB PIL image, EXIF orientation applied.
+
+    Raises:
+        ImageDecodeError: The file cannot be read or decoded (``reason`` attribute set).
+    """
+    return decode_image(_read_raw(uri), uri, max_pixels)
+
+
+def _read_raw(uri: str) -> bytes:
+    """Read a file's bytes, turning every read failure into an ImageDecodeError."""
+    try:
+        fs, path = url_to_fs(uri)
+        return fs.cat_file(path)
+    except IsADirectoryError as exc:
+        raise _decode_error(uri, "is a folder, not a file") from exc
+    except PermissionError as exc:
+        raise _decode_error(uri, "permission denied") from exc
+    except FileNotFoundError as exc:
+        raise _decode_error(uri, "file not found (removed after listing?)") from exc
+    except Exception as exc:
+        raise _decode_error(uri, f"read failed ({type(exc).__name__}: {_describe(exc)})") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Background batch loading
+# --------------------------------------------------------------------------------------------
+
+
+def default_num_workers() -> int:
+    """Default decode threads: one per CPU, at most 16."""
+    return max(1, min(16, os.cpu_count() or 4))
+
+
+def iter_batches(
+    uris: Iterable[str],
+    transform: Transform,
+    batch_size: int,
+    num_workers: int | None = None,
+    prefetch: int = 2,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    pin_memory: bool = False,
+) -> Iterator[LoadedBatch]:
+    """Load images in background threads and yield them as stacked batches, in input order.
+
+    Reading (fsspec ``cat_file``), hashing, decoding and ``transform`` run in a thread pool
+    (threads, not processes: s3fs is not fork-safe, and PIL and torch release the GIL in their
+    heavy loops); stacking runs in one more thread. While the consumer works on batch ``k``,
+    batches ``k+1 .. k+prefetch`` are being prepared, so it only waits when decoding is slower
+    than its compute. Bad files never raise: they come back in ``LoadedBatch.failed``.
+
+    Args:
+        uris: Image URIs (any iterable; consumed lazily).
+        transform: RGB PIL image -> tensor ``(3, H, W)``; every call must give the same shape.
+        batch_size: Images per batch (the last batch may be smaller).
+        num_workers: Decode threads; default :func:`default_num_workers`.
+        prefetch: Batches prepared ahead of the one being consumed (0 disables overlap).
+        max_pixels: Largest accepted declared ``width * height`` per image.
+        pin_memory: Pin the stacked tensor in page-locked memory (only when CUDA is available)
+            for faster, asynchronous host-to-device copies.
+
+    Yields:
+        One :class:`LoadedBatch` per ``batch_size`` input URIs: ``images`` of shape
+        ``(B, 3, H, W)`` for the ``B`` good ones, or None when all of them failed.
+
+    Raises:
+        ConfigError: A non-positive ``batch_size``/``num_workers`` or negative ``prefetch``, or
+            transform outputs whose shapes differ within a batch (a bug in the transform).
+    """
+    workers = default_num_workers() if num_workers is None else num_workers
+    _check_loader_args(batch_size, workers, prefetch)
+    chunks = _chunked(uris, batch_size)
+    decode_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="padim-decode")
+    collate_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="padim-collate")
+    pending: deque[tuple[list[Future], Future]] = deque()
+
+    def submit_next() -> None:
+        chunk = next(chunks, None)
+        if chunk is None:
+            return
+        futures = [decode_pool.submit(read_image_record, uri, transform, max_pixels) for uri in chunk]
+        pending.append((futures, collate_pool.submit(_collate, futures, pin_memory)))
+
+    try:
+        for _ in range(prefetch + 1):
+            submit_next()
+        while pending:
+            _, batch_future = pending.popleft()
+            batch = batch_future.result()
+            yield batch
+            submit_next()
+    finally:
+        _cancel_pending(pending)
+        decode_pool.shutdown(wait=True, cancel_futures=True)
+        collate_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _check_loader_args(batch_size: int, workers: int, prefetch: int) -> None:
+    """Validate the loader's sizes with readable messages."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    if workers < 1:
+        raise ConfigError(f"num_workers must be at least 1, got {workers}")
+    if prefetch < 0:
+        raise ConfigError(f"prefetch must be 0 or more, got {prefetch}")
+
+
+def _chunked(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    """Split an iterable into lists of ``size`` items (the last may be shorter)."""
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _cancel_pending(pending: deque[tuple[list[Future], Future]]) -> None:
+    """Cancel batches that were submitted but will not be consumed."""
+    for futures, batch_future in pending:
+        batch_future.cancel()
+        for future in futures:
+            future.cancel()
+    pending.clear()
+
+
+def _collate(futures: list[Future], pin_memory: bool) -> LoadedBatch:
+    """Wait for one batch's images (in order) and stack the good ones."""
+    records: list[ImageRecord] = []
+    tensors: list[torch.Tensor] = []
+    failed: list[ImageRecord] = []
+    for future in futures:
+        record, tensor = future.result()
+        if tensor is None:
+            failed.append(record)
+        else:
+            records.append(record)
+            tensors.append(tensor)
+    images = _stack(tensors, records) if tensors else None
+    if images is not None and pin_memory and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError):
+            images = images.pin_memory()
+    return LoadedBatch(records=records, images=images, failed=failed)
+
+
+def _stack(tensors: list[torch.Tensor], records: list[ImageRecord]) -> torch.Tensor:
+    """Stack ``(3, H, W)`` tensors into ``(B, 3, H, W)``, explaining shape mismatches."""
+    first = tensors[0]
+    for tensor, record in zip(tensors, records, strict=True):
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ConfigError(f"transform must return a (3, H, W) tensor, got {shape} for {record.uri}")
+        if tensor.shape != first.shape:
+            raise ConfigError(
+                f"transform returned tensors of different shapes: {tuple(first.shape)} for "
+                f"{records[0].uri} and {tuple(tensor.shape)} for {record.uri}; "
+                "it must resize every image to one fixed size"
+            )
+    return torch.stack(tensors, dim=0)
