@@ -6,7 +6,8 @@ A model version is one directory (any fsspec URL) holding:
   (``channel_indices (d,)`` or ``projection (D, d)``);
 * ``statistics.safetensors`` - the raw accumulator (``n``, ``mean``, ``m2`` in float64), so that
   new normal images can be added later without re-extracting the old ones (optional);
-* ``training_images.json`` - ``[uri, sha256]`` of every image in the statistics;
+* ``training_images.json`` - ``{"fit": [[uri, sha256], ...], "calibration": [...]}``: the images
+  in the statistics and the held-out images the thresholds were calibrated on;
 * ``manifest.json`` - configuration, backbone and weights identity, taps, normalisation,
   thresholds, provenance, library version and the sha256 and size of every other file.
 
@@ -146,7 +147,10 @@ def save_model(model: PadimModel, url: str, keep_statistics: bool = True) -> dic
     payload: dict[str, dict[str, torch.Tensor] | bytes] = {MODEL_FILE: _model_tensors(model)}
     if keep_statistics and model.accumulator is not None:
         payload[STATISTICS_FILE] = {k: v.cpu() for k, v in model.accumulator.state_dict().items()}
-    images = [list(pair) for pair in model.training.training_images]
+    images = {
+        "fit": [list(pair) for pair in model.training.training_images],
+        "calibration": [list(pair) for pair in model.training.calibration_images],
+    }
     payload[TRAINING_FILE] = json.dumps(images).encode()
     files: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="padim-save-") as scratch:
@@ -280,10 +284,7 @@ def load_model(url: str, device: str | torch.device = "cpu", with_statistics: bo
                 raise IncompatibleModelError(f"model at {url} was saved without its statistics; refit from scratch")
             state = _load_tensors(_fetch_verified(fs, root, STATISTICS_FILE, files[STATISTICS_FILE], scratch))
             accumulator = GaussianAccumulator.from_state_dict(state, device=device)
-        images: list[tuple[str, str]] = []
-        if TRAINING_FILE in files:
-            raw = Path(_fetch_verified(fs, root, TRAINING_FILE, files[TRAINING_FILE], scratch)).read_bytes()
-            images = [(str(u), str(h)) for u, h in json.loads(raw)]
+    images = read_training_images(url)
     spec = get_spec(config.backbone)
     d = resolve_channels(config, spec)
     h, w = grid_size(config, spec)
@@ -301,7 +302,8 @@ def load_model(url: str, device: str | torch.device = "cpu", with_statistics: bo
     training = TrainingInfo(
         n_train=int(manifest.get("n_train", 0)),
         training_set_sha256=str(manifest.get("training_set_sha256", "")),
-        training_images=images,
+        training_images=images["fit"],
+        calibration_images=images["calibration"],
     )
     model = PadimModel(
         config=config,
@@ -314,3 +316,96 @@ def load_model(url: str, device: str | torch.device = "cpu", with_statistics: bo
         accumulator=accumulator,
     )
     return model.to(device)
+
+
+def save_statistics(accumulator: GaussianAccumulator, url: str, metadata: dict[str, str] | None = None) -> None:
+    """Write an accumulator's partial state as one safetensors file (for shard merging).
+
+    The file is built locally and then copied, so a reader never sees half of it on an object
+    store (one PUT) and, locally, it is renamed into place.
+
+    Args:
+        accumulator: The statistics.
+        url: Target file URL.
+        metadata: String metadata stored in the safetensors header (e.g. the configuration
+            identity, so that incompatible partials are never merged).
+    """
+    fs, path = fsspec.core.url_to_fs(url)
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    header = {"format": "padim.gaussian-accumulator/1", **(metadata or {})}
+    state = {k: v.cpu() for k, v in accumulator.state_dict().items()}
+    if _is_local(fs):
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".tmp-", suffix=".safetensors", delete=False) as tmp:
+            temp_name = tmp.name
+        try:
+            save_file(state, temp_name, metadata=header)
+            os.replace(temp_name, path)
+        finally:
+            if os.path.exists(temp_name):
+                os.unlink(temp_name)
+        return
+    with tempfile.TemporaryDirectory(prefix="padim-stats-") as scratch:
+        local = os.path.join(scratch, "statistics.safetensors")
+        save_file(state, local, metadata=header)
+        fs.put_file(local, path)
+
+
+def load_statistics(url: str, device: str | torch.device = "cpu") -> tuple[GaussianAccumulator, dict[str, str]]:
+    """Read a partial state written by :func:`save_statistics`.
+
+    Args:
+        url: File URL.
+        device: Device for the state tensors.
+
+    Returns:
+        The accumulator and the file's string metadata.
+
+    Raises:
+        ModelNotFoundError: If the file does not exist.
+        ModelIntegrityError: If it is not a valid statistics file.
+    """
+    from safetensors import safe_open
+
+    fs, path = fsspec.core.url_to_fs(url)
+    with tempfile.TemporaryDirectory(prefix="padim-stats-") as scratch:
+        if _is_local(fs):
+            local = path
+        else:
+            local = os.path.join(scratch, "statistics.safetensors")
+            try:
+                fs.get_file(path, local)
+            except FileNotFoundError as exc:
+                raise ModelNotFoundError(f"no statistics file at {url}") from exc
+        if not os.path.exists(local):
+            raise ModelNotFoundError(f"no statistics file at {url}")
+        try:
+            with safe_open(local, framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+                state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise ModelIntegrityError(f"statistics file {url} is corrupt: {exc}") from exc
+    if metadata.get("format") != "padim.gaussian-accumulator/1":
+        raise ModelIntegrityError(f"{url} is not a padim statistics file")
+    return GaussianAccumulator.from_state_dict(state, device=device), metadata
+
+
+def read_training_images(url: str) -> dict[str, list[tuple[str, str]]]:
+    """The images in a model version's statistics and its calibration images (checksum verified).
+
+    Args:
+        url: Model version directory.
+
+    Returns:
+        ``{"fit": [(uri, sha256), ...], "calibration": [...]}``.
+    """
+    manifest = read_manifest(url)
+    entry = (manifest.get("files") or {}).get(TRAINING_FILE)
+    if entry is None:
+        return {"fit": [], "calibration": []}
+    fs, root = fsspec.core.url_to_fs(url)
+    with tempfile.TemporaryDirectory(prefix="padim-load-") as scratch:
+        raw = json.loads(Path(_fetch_verified(fs, root, TRAINING_FILE, entry, scratch)).read_bytes())
+    if not isinstance(raw, dict):
+        raise IncompatibleModelError(f"{TRAINING_FILE} of the model at {url} has an unknown layout")
+    return {key: [(str(u), str(h)) for u, h in raw.get(key, [])] for key in ("fit", "calibration")}

@@ -96,6 +96,8 @@ class Thresholds:
         pixel_fpr: Target false-positive rate of the pixel threshold.
         n_images: Number of held-out normal images used.
         method: How they were obtained (``"holdout"``, ``"folder"``...).
+        normal_median: Median image score of the held-out normal images (the reference the
+            nightly drift check compares tonight's bulk of scores with).
     """
 
     image: float
@@ -104,6 +106,7 @@ class Thresholds:
     pixel_fpr: float
     n_images: int
     method: str = "holdout"
+    normal_median: float | None = None
 
 
 @dataclass
@@ -126,12 +129,15 @@ class TrainingInfo:
     Attributes:
         n_train: Number of images in the statistics.
         training_set_sha256: Digest of the sorted content hashes of the training images.
-        training_images: ``(uri, sha256)`` of every training image.
+        training_images: ``(uri, sha256)`` of every image in the statistics.
+        calibration_images: ``(uri, sha256)`` of the held-out normal images the thresholds were
+            calibrated on (kept out of the statistics, so later refits can re-calibrate on them).
     """
 
     n_train: int
     training_set_sha256: str
     training_images: list[tuple[str, str]] = field(default_factory=list)
+    calibration_images: list[tuple[str, str]] = field(default_factory=list)
 
 
 class PadimFitter:

@@ -1,0 +1,1 @@
+"""Deployment definitions (``prefect.yaml``) and the single-host ``serve`` entry point."""

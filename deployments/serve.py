@@ -1,0 +1,114 @@
+"""Serve the deployments of ``prefect.yaml`` from one process (``padim serve``).
+
+The YAML file is the single source of truth: this module reads it and builds the same deployments
+(schedules, triggers, parameters, concurrency limits) as runner deployments, so a single host needs
+no work pool and no worker. It needs a running Prefect server (``prefect server start``) for
+schedules and triggers to fire.
+"""
+
+from __future__ import annotations
+
+import importlib
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+from prefect.schedules import Cron, Interval, Schedule
+
+PREFECT_YAML = Path(__file__).with_name("prefect.yaml")
+
+
+def load_definitions(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
+    """Read the deployment entries of a ``prefect.yaml``.
+
+    Args:
+        path: The file.
+
+    Returns:
+        One dictionary per deployment.
+    """
+    document = yaml.safe_load(path.read_text())
+    return list(document.get("deployments") or [])
+
+
+def load_entrypoint(entrypoint: str) -> Any:
+    """Import the flow an entrypoint (``flows/train.py:train``) names.
+
+    Args:
+        entrypoint: ``path/to/module.py:function``.
+
+    Returns:
+        The flow object.
+    """
+    path, _, name = entrypoint.partition(":")
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    return getattr(module, name)
+
+
+def build_schedules(entries: list[dict[str, Any]] | None) -> list[Schedule]:
+    """Prefect schedules from YAML schedule entries (cron or interval, with a time zone)."""
+    schedules = []
+    for entry in entries or []:
+        timezone = entry.get("timezone")
+        active = bool(entry.get("active", True))
+        if entry.get("cron"):
+            schedules.append(Cron(entry["cron"], timezone=timezone, active=active))
+        elif entry.get("interval"):
+            schedules.append(Interval(timedelta(seconds=float(entry["interval"])), timezone=timezone, active=active))
+        else:
+            raise ValueError(f"schedule entry needs cron or interval: {entry}")
+    return schedules
+
+
+def build_triggers(entries: list[dict[str, Any]] | None) -> list[DeploymentEventTrigger]:
+    """Deployment event triggers from YAML trigger entries."""
+    triggers = []
+    for entry in entries or []:
+        fields = {k: v for k, v in entry.items() if k != "type"}
+        if entry.get("type", "event") != "event":
+            raise ValueError(f"only event triggers are supported, got {entry.get('type')}")
+        triggers.append(DeploymentEventTrigger(**fields))
+    return triggers
+
+
+def build_deployments(path: Path = PREFECT_YAML) -> list[Any]:
+    """Runner deployments equivalent to the YAML file's.
+
+    Args:
+        path: The ``prefect.yaml``.
+
+    Returns:
+        Deployments ready for :func:`prefect.serve`.
+    """
+    deployments = []
+    for entry in load_definitions(path):
+        flow = load_entrypoint(entry["entrypoint"])
+        deployments.append(
+            flow.to_deployment(
+                name=entry["name"],
+                description=entry.get("description"),
+                tags=entry.get("tags"),
+                parameters=entry.get("parameters"),
+                schedules=build_schedules(entry.get("schedules")),
+                triggers=build_triggers(entry.get("triggers")),
+                concurrency_limit=entry.get("concurrency_limit"),
+            )
+        )
+    return deployments
+
+
+def serve_all(limit: int | None = None) -> None:
+    """Serve every deployment until interrupted.
+
+    Args:
+        limit: Most flow runs at once.
+    """
+    from prefect import serve
+
+    serve(*build_deployments(), limit=limit)
+
+
+if __name__ == "__main__":
+    serve_all()

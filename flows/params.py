@@ -1,0 +1,95 @@
+"""Parameter checks shared by the flows: every bad input fails before any work starts."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+
+from padim.config import PadimConfig
+from padim.errors import ConfigError
+from padim.fsio import exists
+from padim.store import ModelStore, default_store_url, validate_product
+
+
+def open_store(store: str | None) -> ModelStore:
+    """The model store at ``store`` (default ``$PADIM_STORE`` or ``./padim-store``)."""
+    return ModelStore(store or default_store_url())
+
+
+def check_product(product: str) -> str:
+    """Validate a product name (raises InvalidProductNameError)."""
+    return validate_product(product)
+
+
+def check_folder(url: str, what: str) -> str:
+    """Check that an input folder exists.
+
+    Args:
+        url: Local path or ``s3://`` URL.
+        what: What the folder is, for the message.
+
+    Returns:
+        The URL.
+
+    Raises:
+        ConfigError: If it does not exist.
+    """
+    if not url or not exists(url):
+        raise ConfigError(f"{what} folder not found: {url}")
+    return url
+
+
+def parse_day(value: str | date | None) -> date:
+    """Production date of a run: the given ``YYYY-MM-DD`` or today (UTC).
+
+    Raises:
+        ConfigError: For a malformed date.
+    """
+    if value is None or value == "":
+        return datetime.now(timezone.utc).date()
+    if isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(value)
+    except ValueError as exc:
+        raise ConfigError(f"date must look like YYYY-MM-DD, got {value!r}") from exc
+
+
+def build_config(
+    backbone: str = "efficientnet_lite0",
+    weights: str | None = None,
+    channels: int | None = None,
+    image_size: int | None = None,
+    crop_size: int | None = None,
+    crop: bool = True,
+    **extra: object,
+) -> PadimConfig:
+    """A validated model configuration from flat parameters (defaults from :class:`PadimConfig`).
+
+    Args:
+        backbone: Backbone name.
+        weights: Weights file URL or ``"random"``.
+        channels: Embedding dimension.
+        image_size: Resize side.
+        crop_size: Centre-crop side.
+        crop: ``False`` disables the crop.
+        **extra: Further :class:`PadimConfig` fields.
+
+    Returns:
+        The configuration.
+
+    Raises:
+        ConfigError: For invalid values.
+    """
+    values: dict[str, object] = {"backbone": backbone, "weights": weights, "channels": channels, **extra}
+    if image_size is not None:
+        values["image_size"] = image_size
+        if crop and crop_size is None:
+            values["crop_size"] = round(image_size * 0.875)  # the paper's 224 / 256
+    if crop_size is not None:
+        values["crop_size"] = crop_size
+    if not crop:
+        values["crop_size"] = None
+    try:
+        return PadimConfig(**values)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ConfigError(f"invalid model options: {exc}") from exc

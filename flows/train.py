@@ -1,0 +1,186 @@
+"""The train flow: fit a product's model from a folder of normal images and publish a version."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from flows.params import build_config, check_folder, check_product, open_store
+from flows.runners import task_runner_from_env
+from padim.config import PadimConfig
+from padim.products import update_product_settings
+from padim.store import ModelStore
+from padim.training import PublishedModel, ShardOutcome, TrainingPlan, TrainSettings, plan_training
+from tasks.events import MODEL_PUBLISHED, emit_event_task, publish_artifacts_task
+from tasks.storage import list_images_task, remove_work_area_task
+from tasks.training import finalize_and_publish_task, fit_shard_task
+
+
+def run_id() -> str:
+    """The current flow run's id, or a random one outside a flow run."""
+    return str(flow_run.get_id() or uuid.uuid4())
+
+
+def fit_and_publish(
+    store: ModelStore,
+    product: str,
+    config: PadimConfig,
+    plan: TrainingPlan,
+    settings: TrainSettings,
+    incremental: bool = False,
+    exclude_sha256: frozenset[str] = frozenset(),
+) -> tuple[PublishedModel | None, list[ShardOutcome]]:
+    """Fan the fit shards out to tasks, then merge, calibrate and publish (shared by train and retrain).
+
+    Partial statistics live under ``<store>/<product>/work/<run id>/`` and are removed afterwards,
+    whether the run succeeds or fails.
+
+    Args:
+        store: Model store.
+        product: Product name.
+        config: Model options.
+        plan: Fit shards and held-out images.
+        settings: Batch size, device, calibration.
+        incremental: Add to the latest version's statistics.
+        exclude_sha256: Images already in the model.
+
+    Returns:
+        The published version (``None`` for an incremental refit that found no new usable image)
+        and the fit tasks' outcomes.
+    """
+    work = store.artifact_url(product, "work", run_id())
+    try:
+        futures = [
+            fit_shard_task.submit(shard, config, f"{work}/partial-{i:05d}.safetensors", settings, exclude_sha256)
+            for i, shard in enumerate(plan.fit_shards)
+        ]
+        outcomes = [future.result() for future in futures]
+        if incremental and not any(o.partial_url for o in outcomes):
+            return None, outcomes
+        published = finalize_and_publish_task(
+            store.root, product, config, outcomes, plan.holdout, settings, incremental=incremental
+        )
+        return published, outcomes
+    finally:
+        remove_work_area_task(work)
+
+
+def summarise_version(published: PublishedModel, failed: int = 0) -> str:
+    """Markdown summary of a published version."""
+    m = published.manifest
+    return "\n".join(
+        [
+            f"# Model {published.product} {published.version}",
+            "",
+            "| field | value |",
+            "|---|---|",
+            f"| backbone | {m.get('backbone')} (weights {str(m.get('weights_sha256'))[:12]}) |",
+            f"| input | resize {m.get('image_size')}, crop {m.get('crop_size')} |",
+            f"| channels | {m.get('channels')} ({m.get('channel_selection')}) |",
+            f"| training images | {published.n_train} |",
+            f"| calibration images | {published.n_calibration} |",
+            f"| images skipped (unreadable) | {failed} |",
+            f"| image threshold | {published.image_threshold:.4f} |",
+            f"| pixel threshold | {published.pixel_threshold:.4f} |",
+            f"| location | {published.url} |",
+        ]
+    )
+
+
+def artifact_key(prefix: str, product: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes)."""
+    return f"{prefix}-" + "".join(c if c.isalnum() else "-" for c in product.lower())
+
+
+@flow(name="padim-train", task_runner=task_runner_from_env(), validate_parameters=True)
+def train(
+    product: str,
+    normal_url: str,
+    store: str | None = None,
+    backbone: str = "efficientnet_lite0",
+    weights: str | None = None,
+    channels: int | None = None,
+    image_size: int | None = None,
+    crop_size: int | None = None,
+    crop: bool = True,
+    batch_size: int = 32,
+    device: str = "auto",
+    shard_size: int = 1000,
+    holdout_fraction: float = 0.1,
+    calibration_url: str | None = None,
+    image_fpr: float = 0.01,
+    pixel_fpr: float = 0.001,
+) -> dict[str, Any]:
+    """Fit a product's model on normal images and publish it as a new version.
+
+    Args:
+        product: Product name (``^[a-z0-9][a-z0-9._-]{0,63}$``).
+        normal_url: Folder (local or ``s3://``) of images of good parts.
+        store: Store root; default ``$PADIM_STORE`` or ``./padim-store``.
+        backbone: ``efficientnet_lite0`` (default), ``resnet18`` or ``wide_resnet50_2``.
+        weights: Backbone weights file (path or ``s3://``), ``"random"`` for tests.
+        channels: Embedding dimension ``d``.
+        image_size: Resize side (default 256).
+        crop_size: Centre-crop side (default 224).
+        crop: ``False`` to skip the crop.
+        batch_size: Images per backbone batch.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        shard_size: Images per fit task.
+        holdout_fraction: Share of normal images held out to calibrate the threshold.
+        calibration_url: Separate folder of normal images for calibration.
+        image_fpr: Target false-positive rate of the image threshold.
+        pixel_fpr: Target false-positive rate of the pixel threshold.
+
+    Returns:
+        ``version``, ``n_train``, ``n_calibration``, ``n_failed``, thresholds and the version URL.
+    """
+    logger = get_run_logger()
+    check_product(product)
+    config = build_config(backbone, weights, channels, image_size, crop_size, crop)
+    settings = TrainSettings(
+        batch_size=batch_size,
+        device=device,
+        shard_size=shard_size,
+        holdout_fraction=holdout_fraction,
+        calibration_url=calibration_url,
+        image_fpr=image_fpr,
+        pixel_fpr=pixel_fpr,
+    )
+    model_store = open_store(store)
+    check_folder(normal_url, "normal images")
+    if calibration_url:
+        check_folder(calibration_url, "calibration images")
+    uris = list_images_task(normal_url)
+    calibration = list_images_task(calibration_url) if calibration_url else None
+    plan = plan_training(uris, settings, calibration)
+    logger.info(
+        "training %s on %d images in %d shard(s), %d held out",
+        product,
+        plan.n_fit,
+        len(plan.fit_shards),
+        len(plan.holdout),
+    )
+    published, outcomes = fit_and_publish(model_store, product, config, plan, settings)
+    if published is None:  # only incremental refits can publish nothing
+        raise RuntimeError("training published no model")
+    update_product_settings(model_store, product, normal_url=normal_url)
+    n_failed = sum(len(o.failed) for o in outcomes)
+    emit_event_task(
+        MODEL_PUBLISHED,
+        product,
+        {"version": published.version, "url": published.url, "n_train": published.n_train, "reason": "train"},
+    )
+    publish_artifacts_task(artifact_key("model", product), summarise_version(published, n_failed))
+    return {
+        "product": product,
+        "version": published.version,
+        "url": published.url,
+        "n_train": published.n_train,
+        "n_calibration": published.n_calibration,
+        "n_failed": n_failed,
+        "image_threshold": published.image_threshold,
+        "pixel_threshold": published.pixel_threshold,
+    }

@@ -1,0 +1,379 @@
+"""The steps of fitting a product model, as plain functions the train flow composes.
+
+1. :func:`plan_training` splits the listed normal images into fit shards and a held-out
+   calibration set (or takes a separate calibration folder).
+2. :func:`fit_shard` fits one shard and writes its partial statistics to storage, returning only
+   the file's URL and per-image outcomes (so a Dask worker never ships GBs back).
+3. :func:`finalize_and_publish` merges the partials (exact Chan merge, in any order), finalises the
+   model, calibrates thresholds on the held-out images and publishes a version atomically.
+
+The held-out images are never in the statistics: thresholds are set on out-of-sample scores. They
+are recorded in the artifact so that incremental refits re-calibrate on the same images.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from padim.artifact import load_model, load_statistics, save_model, save_statistics, training_set_digest
+from padim.calibration import calibrate_thresholds, split_holdout
+from padim.config import PadimConfig
+from padim.errors import ConfigError, PadimError
+from padim.images import ImageRecord, iter_batches
+from padim.model import PadimFitter, PadimModel, TrainingInfo, build_model, resolve_device
+from padim.pipeline import collect_normal_maps
+from padim.progress import progress_bar
+from padim.statistics import GaussianAccumulator
+from padim.store import ModelStore
+
+MIN_FIT_IMAGES = 2
+
+
+class TrainSettings(BaseModel):
+    """How to fit and calibrate a product model (besides the model configuration).
+
+    Attributes:
+        batch_size: Images per backbone batch.
+        device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+        shard_size: Images per fit task (hundreds to thousands: one task per shard, not per image).
+        holdout_fraction: Share of the normal images held out for threshold calibration.
+        min_holdout: Fewest held-out images.
+        calibration_url: A separate folder of normal images for calibration; then every listed
+            normal image is fitted and nothing is held out.
+        image_fpr: Target false-positive rate of the image threshold on normal images.
+        pixel_fpr: Target false-positive rate of the pixel threshold on normal pixels.
+        seed: Seed of the held-out split.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    device: str = "auto"
+    shard_size: int = Field(default=1000, ge=1)
+    holdout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    min_holdout: int = Field(default=5, ge=1)
+    calibration_url: str | None = None
+    image_fpr: float = Field(default=0.01, gt=0.0, lt=1.0)
+    pixel_fpr: float = Field(default=0.001, gt=0.0, lt=1.0)
+    seed: int = 0
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value not in {"auto", "cpu", "cuda"} and not value.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {value!r}")
+        return value
+
+
+@dataclass
+class TrainingPlan:
+    """Which images go where.
+
+    Attributes:
+        fit_shards: Image URIs per fit task.
+        holdout: Held-out normal image URIs for calibration.
+    """
+
+    fit_shards: list[list[str]]
+    holdout: list[str]
+
+    @property
+    def n_fit(self) -> int:
+        """Number of images planned for the statistics."""
+        return sum(len(shard) for shard in self.fit_shards)
+
+
+@dataclass
+class ShardOutcome:
+    """What one fit task produced.
+
+    Attributes:
+        partial_url: URL of the partial statistics (``None`` when no image of the shard was usable).
+        n_images: Images in the partial statistics.
+        fitted: ``(uri, sha256)`` of the images in the statistics.
+        failed: ``(uri, reason)`` of the skipped images.
+        skipped: URIs skipped because they are already in the model (incremental refits).
+        seconds: Wall time.
+    """
+
+    partial_url: str | None
+    n_images: int
+    fitted: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class PublishedModel:
+    """A newly published model version.
+
+    Attributes:
+        product: Product name.
+        version: Version name.
+        url: Folder URL of the version.
+        n_train: Images in the statistics.
+        n_calibration: Held-out images the thresholds were set on.
+        image_threshold: Calibrated image threshold.
+        pixel_threshold: Calibrated pixel threshold.
+        manifest: The version's manifest (without the file list).
+    """
+
+    product: str
+    version: str
+    url: str
+    n_train: int
+    n_calibration: int
+    image_threshold: float
+    pixel_threshold: float
+    manifest: dict[str, Any]
+
+
+def config_identity(config: PadimConfig, weights_sha256: str) -> str:
+    """String identity of what makes embeddings comparable (stored with partial statistics).
+
+    Args:
+        config: Model options.
+        weights_sha256: Backbone weights digest.
+
+    Returns:
+        Canonical JSON.
+    """
+    identity = {**config.feature_identity(), "weights": None, "weights_sha256": weights_sha256}
+    return json.dumps(identity, sort_keys=True)
+
+
+def plan_training(
+    uris: Sequence[str], settings: TrainSettings, calibration_uris: Sequence[str] | None = None
+) -> TrainingPlan:
+    """Split normal images into fit shards and a calibration hold-out.
+
+    Args:
+        uris: Listed normal images (sorted).
+        settings: Split options.
+        calibration_uris: Images of a separate calibration folder, if one was given.
+
+    Returns:
+        The plan.
+
+    Raises:
+        PadimError: If there are too few images to fit and calibrate.
+    """
+    if not uris:
+        raise PadimError("no images found to train on (looked for png, jpg, jpeg, bmp, tif, tiff)")
+    if calibration_uris is not None:
+        fit, holdout = list(uris), list(calibration_uris)
+    else:
+        try:
+            split = split_holdout(list(uris), settings.holdout_fraction, settings.min_holdout, settings.seed)
+        except ValueError as exc:
+            raise PadimError(f"only {len(uris)} normal images: {exc}") from exc
+        fit, holdout = split.fit, split.holdout
+    if not holdout:
+        raise PadimError("no normal images to calibrate the decision threshold on")
+    shards = [fit[i : i + settings.shard_size] for i in range(0, len(fit), settings.shard_size)]
+    return TrainingPlan(fit_shards=shards, holdout=list(holdout))
+
+
+def fit_shard(
+    uris: Sequence[str],
+    config: PadimConfig,
+    partial_url: str,
+    settings: TrainSettings,
+    exclude_sha256: frozenset[str] = frozenset(),
+    description: str = "fit",
+) -> ShardOutcome:
+    """Fit one shard and write its partial statistics.
+
+    Args:
+        uris: The shard's images.
+        config: Model options.
+        partial_url: Where to write the partial statistics.
+        settings: Batch size and device.
+        exclude_sha256: Content hashes to leave out (images already in the model).
+        description: Progress-bar label.
+
+    Returns:
+        The shard outcome; ``partial_url`` is ``None`` when no image was usable.
+    """
+    start = time.perf_counter()
+    fitter = PadimFitter(config, device=settings.device)
+    outcome = ShardOutcome(partial_url=None, n_images=0)
+    pin = fitter.device.type == "cuda"
+    with progress_bar(len(uris), description) as bar:
+        for batch in iter_batches(uris, fitter.preprocessor(), settings.batch_size, pin_memory=pin):
+            outcome.failed.extend((r.uri, r.error or "unreadable") for r in batch.failed)
+            keep = [i for i, r in enumerate(batch.records) if r.sha256 not in exclude_sha256]
+            outcome.skipped.extend(r.uri for r in batch.records if r.sha256 in exclude_sha256)
+            if batch.images is not None and keep:
+                images = batch.images if len(keep) == len(batch.records) else batch.images[keep]
+                fitter.update(images)
+                outcome.fitted.extend((batch.records[i].uri, batch.records[i].sha256 or "") for i in keep)
+            bar.advance(len(batch.records) + len(batch.failed))
+    outcome.n_images = fitter.accumulator.n
+    if outcome.n_images:
+        identity = config_identity(config, fitter.backbone.weights_sha256)
+        save_statistics(fitter.accumulator, partial_url, {"identity": identity})
+        outcome.partial_url = partial_url
+    outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def merge_partials(
+    urls: Sequence[str], expected_identity: str | None, device: str | torch.device = "cpu"
+) -> GaussianAccumulator:
+    """Merge partial statistics files (exact; any order gives the same result).
+
+    Args:
+        urls: Partial statistics URLs.
+        expected_identity: Configuration identity every partial must carry, or ``None``.
+        device: Device for the merge.
+
+    Returns:
+        The merged statistics.
+
+    Raises:
+        PadimError: If there is nothing to merge or a partial belongs to another configuration.
+    """
+    if not urls:
+        raise PadimError("no usable training image: every image failed to load")
+    merged: GaussianAccumulator | None = None
+    for url in urls:
+        accumulator, metadata = load_statistics(url, device=device)
+        if expected_identity is not None and metadata.get("identity") != expected_identity:
+            raise PadimError(f"partial statistics {url} were computed with another configuration")
+        merged = accumulator if merged is None else merged.merge(accumulator)
+    if merged is None:
+        raise PadimError("no partial statistics to merge")
+    return merged
+
+
+def finalize_and_publish(
+    store: ModelStore,
+    product: str,
+    config: PadimConfig,
+    outcomes: Sequence[ShardOutcome],
+    holdout: Sequence[str],
+    settings: TrainSettings,
+    base: PadimModel | None = None,
+) -> PublishedModel:
+    """Merge shard statistics, calibrate on held-out images and publish a model version.
+
+    Args:
+        store: Model store.
+        product: Product name.
+        config: Model options.
+        outcomes: Fit-task outcomes (their partial files are merged).
+        holdout: Held-out normal image URIs.
+        settings: Calibration and device options.
+        base: A previous model whose statistics the new images are added to (incremental refit);
+            must carry its accumulator.
+
+    Returns:
+        The published version.
+
+    Raises:
+        PadimError: If fewer than two images are in the statistics or no held-out image can be
+            scored.
+    """
+    device = resolve_device(settings.device)
+    fitter = PadimFitter(config, device=device)
+    identity = config_identity(config, fitter.backbone.weights_sha256)
+    partials = [o.partial_url for o in outcomes if o.partial_url]
+    images = [pair for o in outcomes for pair in o.fitted]
+    if base is not None:
+        if base.accumulator is None:
+            raise PadimError("the previous model has no statistics to add to; refit from scratch")
+        accumulator = base.accumulator
+        if partials:
+            accumulator.merge(merge_partials(partials, identity, device))
+        images = list(base.training.training_images) + images
+    else:
+        accumulator = merge_partials(partials, identity, device)
+    if accumulator.n < MIN_FIT_IMAGES:
+        raise PadimError(
+            f"only {accumulator.n} usable training image(s): need at least {MIN_FIT_IMAGES} to estimate a covariance"
+        )
+    training = TrainingInfo(
+        n_train=accumulator.n,
+        training_set_sha256=training_set_digest([sha for _, sha in images]),
+        training_images=images,
+    )
+    model = build_model(fitter, accumulator, training=training)
+    scores, maps, scored, failed = collect_normal_maps(model, list(holdout), batch_size=settings.batch_size)
+    if not len(scored):
+        reasons = "; ".join(f"{r.uri}: {r.error}" for r in failed[:3])
+        raise PadimError(f"none of the {len(holdout)} held-out normal images could be scored ({reasons})")
+    thresholds = calibrate_thresholds(scores, maps, image_fpr=settings.image_fpr, pixel_fpr=settings.pixel_fpr)
+    thresholds.method = "folder" if settings.calibration_url else "holdout"
+    thresholds.normal_median = float(np.median(scores))
+    model.thresholds = thresholds
+    model.training.calibration_images = [(r.uri, r.sha256 or "") for r in scored]
+    version = store.publish(product, lambda url: save_model(model, url))
+    manifest = store.read_manifest(product, version)
+    manifest.pop("files", None)
+    manifest.pop("channel_indices", None)
+    return PublishedModel(
+        product=product,
+        version=version,
+        url=store.version_url(product, version),
+        n_train=accumulator.n,
+        n_calibration=len(scored),
+        image_threshold=model.thresholds.image,
+        pixel_threshold=model.thresholds.pixel,
+        manifest=manifest,
+    )
+
+
+def load_base_model(store: ModelStore, product: str, device: str | torch.device = "cpu") -> PadimModel:
+    """Load a product's latest model with its statistics, for an incremental refit.
+
+    Args:
+        store: Model store.
+        product: Product name.
+        device: Device for the statistics.
+
+    Returns:
+        The model, with ``accumulator`` set.
+    """
+    return load_model(store.latest_url(product), device=resolve_device(device), with_statistics=True)
+
+
+def check_refit_config(base: PadimModel, requested: PadimConfig | None) -> PadimConfig:
+    """The configuration of an incremental refit: the base model's, unless another is asked for.
+
+    Args:
+        base: The model to add images to.
+        requested: A configuration the caller asked for, or ``None``.
+
+    Returns:
+        The configuration to use.
+
+    Raises:
+        ConfigError: If ``requested`` changes the embedding (then only a full refit is possible).
+    """
+    if requested is None:
+        return base.config
+    if requested.feature_identity() != base.config.feature_identity():
+        raise ConfigError("the requested configuration changes the embedding of the images; run a full refit instead")
+    return requested
+
+
+def failed_records(outcomes: Sequence[ShardOutcome]) -> list[ImageRecord]:
+    """Skipped images of all shards, as records with reasons.
+
+    Args:
+        outcomes: Fit-task outcomes.
+
+    Returns:
+        One record per failed image.
+    """
+    return [ImageRecord(uri=uri, error=reason) for o in outcomes for uri, reason in o.failed]

@@ -1,0 +1,60 @@
+"""Tasks of the score flow."""
+
+from __future__ import annotations
+
+from datetime import date
+
+from prefect import get_run_logger, task
+
+from padim.inspection import ScoreSettings, ShardReport, score_shard
+from padim.reports import scored_images
+from padim.store import ModelStore
+from tasks.policy import TASK_OPTIONS
+
+
+@task(name="already-scored", **TASK_OPTIONS)
+def already_scored_task(store_url: str, product: str, version: str) -> set[str]:
+    """URIs this model version has already scored successfully (for idempotent re-runs).
+
+    Args:
+        store_url: Store root (holds the reports).
+        product: Product name.
+        version: Model version.
+
+    Returns:
+        Image URIs with an ``ok`` row.
+    """
+    return set(scored_images(store_url, product, version))
+
+
+@task(name="score-shard", **TASK_OPTIONS)
+def score_shard_task(
+    store_url: str,
+    product: str,
+    model_url: str,
+    version: str,
+    uris: list[str],
+    day: date,
+    run_id: str,
+    settings: ScoreSettings,
+) -> ShardReport:
+    """Score one shard and write its report file and heat maps.
+
+    Args:
+        store_url: Store root.
+        product: Product name.
+        model_url: Version folder URL.
+        version: Version name.
+        uris: The shard's images.
+        day: Production date.
+        run_id: Run identifier.
+        settings: Score options.
+
+    Returns:
+        Counts, files and top anomalies (no tensors).
+    """
+    report = score_shard(ModelStore(store_url), product, model_url, version, uris, day, run_id, settings)
+    get_run_logger().info(
+        "scored %d images: %d anomalies, %d errors", report.n_scored, report.n_anomalies, report.n_errors
+    )
+    return report
