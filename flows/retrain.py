@@ -24,7 +24,7 @@ def retrain(
     normal_url: str | None = None,
     full: bool = False,
     store: str | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     device: str = "auto",
     shard_size: int = 1000,
 ) -> dict[str, Any]:
@@ -43,7 +43,7 @@ def retrain(
             the folder it was trained from. An empty string counts as not given (event templates).
         full: Refit from scratch.
         store: Store root.
-        batch_size: Images per backbone batch.
+        batch_size: Images per backbone batch (default: 32 on a CPU, more on a GPU).
         device: ``auto``, ``cpu`` or ``cuda``.
         shard_size: Images per fit task.
 

@@ -54,7 +54,7 @@ def score(
     store: str | None = None,
     date: str | None = None,
     version: str | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     device: str = "auto",
     shard_size: int = 500,
     heatmaps: bool = True,
@@ -69,7 +69,7 @@ def score(
         store: Store root; default ``$PADIM_STORE`` or ``./padim-store``.
         date: Production date ``YYYY-MM-DD`` (report partition); default today (UTC).
         version: Model version; default the latest.
-        batch_size: Images per backbone batch.
+        batch_size: Images per backbone batch (default: 32 on a CPU, more on a GPU).
         device: ``auto``, ``cpu`` or ``cuda``.
         shard_size: Images per score task.
         heatmaps: Write heat maps of anomalous images.

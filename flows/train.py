@@ -106,7 +106,7 @@ def train(
     image_size: int | None = None,
     crop_size: int | None = None,
     crop: bool = True,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     device: str = "auto",
     shard_size: int = 1000,
     holdout_fraction: float = 0.1,
@@ -126,7 +126,7 @@ def train(
         image_size: Resize side (default 256).
         crop_size: Centre-crop side (default 224).
         crop: ``False`` to skip the crop.
-        batch_size: Images per backbone batch.
+        batch_size: Images per backbone batch (default: 32 on a CPU, more on a GPU).
         device: ``auto``, ``cpu`` or ``cuda``.
         shard_size: Images per fit task.
         holdout_fraction: Share of normal images held out to calibrate the threshold.

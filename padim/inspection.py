@@ -27,7 +27,7 @@ from padim.artifact import check_servable, load_model, read_manifest
 from padim.errors import IncompatibleModelError, PadimError
 from padim.fsio import write_bytes_atomic
 from padim.images import load_pil
-from padim.model import PadimModel, resolve_device
+from padim.model import PadimModel, auto_batch_size, resolve_device
 from padim.pipeline import ScoredImage, score_images
 from padim.preprocessing import map_to_original
 from padim.reports import make_error_row, make_ok_row, write_report_rows
@@ -40,7 +40,7 @@ class ScoreSettings(BaseModel):
     """How a score run works.
 
     Attributes:
-        batch_size: Images per backbone batch.
+        batch_size: Images per backbone batch; ``None`` picks one that fills the device.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         shard_size: Images per score task.
         heatmaps: Write a heat-map PNG for every anomalous image.
@@ -53,7 +53,7 @@ class ScoreSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    batch_size: int = Field(default=32, ge=1, le=4096)
+    batch_size: int | None = Field(default=None, ge=1, le=4096)
     device: str = "auto"
     shard_size: int = Field(default=500, ge=1)
     heatmaps: bool = True
@@ -271,7 +271,8 @@ def score_shard(
     report = ShardReport(n_images=len(uris))
     rows: list[dict[str, Any]] = []
     keep = "anomalous" if settings.heatmaps else "none"
-    for scored in score_images(model, uris, batch_size=settings.batch_size, keep_maps=keep, description="score"):
+    batch_size = settings.batch_size or auto_batch_size(model.config, model.mean.device)
+    for scored in score_images(model, uris, batch_size=batch_size, keep_maps=keep, description="score"):
         rows.append(_row_of(store, product, model, version, day, run_id, scored, report))
     if rows:
         report.report_files = write_report_rows(store.root, rows, run_id=run_id)

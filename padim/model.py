@@ -85,6 +85,33 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
+_GPU_BATCH = {"efficientnet_lite0": 256, "resnet18": 256, "wide_resnet50_2": 96}
+CPU_BATCH = 32
+
+
+def auto_batch_size(config: PadimConfig, device: str | torch.device | None) -> int:
+    """A batch size that fills the device: 32 on a CPU; on a GPU, scaled with its free memory.
+
+    The GPU figures (at 224 x 224, for an 80 GB card) keep activations, the statistics and the
+    scoring temporaries well inside memory; they scale linearly with free memory and inversely
+    with the input area.
+
+    Args:
+        config: Model options (backbone, input size).
+        device: Target device.
+
+    Returns:
+        Images per batch.
+    """
+    target = resolve_device(device)
+    if target.type != "cuda":
+        return CPU_BATCH
+    free, _ = torch.cuda.mem_get_info(target)
+    base = _GPU_BATCH.get(config.backbone, 64)
+    scale = (free / (70 * 1024**3)) * (224 * 224) / (config.input_size**2)
+    return int(max(8, min(1024, base * scale)) // 8 * 8)
+
+
 @dataclass
 class Thresholds:
     """Decision thresholds calibrated on normal images only.
@@ -148,6 +175,9 @@ class PadimFitter:
         device: Compute device (``"auto"`` picks CUDA when present).
         accumulator: Existing statistics to continue from (incremental refit), or ``None``.
         amp_dtype: Optional reduced precision for the backbone on CUDA.
+        projector: The channel reduction stored with the model being refit (``model.projector``);
+            default: drawn from the configuration's seed. Passing the stored one guarantees that
+            new images are embedded with exactly the channels of the existing statistics.
     """
 
     def __init__(
@@ -156,12 +186,13 @@ class PadimFitter:
         device: str | torch.device | None = "cpu",
         accumulator: GaussianAccumulator | None = None,
         amp_dtype: torch.dtype | None = None,
+        projector: EmbeddingProjector | None = None,
     ) -> None:
         self.config = config
         self.device = resolve_device(device)
         self.spec = get_spec(config.backbone)
         self.backbone = get_backbone(config.backbone, config.weights, self.device)
-        self.projector = new_projector(config).to(self.device)
+        self.projector = (projector if projector is not None else new_projector(config)).to(self.device)
         self.extractor = FeatureExtractor(self.backbone, self.projector, amp_dtype=amp_dtype)
         h, w = grid_size(config, self.spec)
         dim = self.projector.out_channels
@@ -174,9 +205,9 @@ class PadimFitter:
             )
         self.accumulator = accumulator
 
-    def preprocessor(self) -> Preprocessor:
-        """Image transform matching this configuration and backbone."""
-        return Preprocessor(self.config, self.spec.mean, self.spec.std)
+    def preprocessor(self, normalize: bool = True) -> Preprocessor:
+        """Image transform matching this configuration and backbone (``normalize=False``: uint8)."""
+        return Preprocessor(self.config, self.spec.mean, self.spec.std, normalize=normalize)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Embed a batch.
@@ -248,9 +279,9 @@ class PadimModel(nn.Module):
         """Embedding dimension ``d``."""
         return int(self.mean.shape[1])
 
-    def preprocessor(self) -> Preprocessor:
-        """Image transform matching this model."""
-        return Preprocessor(self.config, self.spec.mean, self.spec.std)
+    def preprocessor(self, normalize: bool = True) -> Preprocessor:
+        """Image transform matching this model (``normalize=False``: uint8, normalised on the device)."""
+        return Preprocessor(self.config, self.spec.mean, self.spec.std, normalize=normalize)
 
     def attach_backbone(self, backbone: Backbone, amp_dtype: torch.dtype | None = None) -> None:
         """Use ``backbone`` (its weights must be the ones the model was fitted with).

@@ -100,7 +100,8 @@ def fit_images(
     result = FitResult(accumulator=fitter.accumulator)
     pin = fitter.device.type == "cuda"
     with progress_bar(len(uris), description) as bar:
-        for batch in iter_batches(uris, fitter.preprocessor(), batch_size, num_workers=num_workers, pin_memory=pin):
+        transform = fitter.preprocessor(normalize=False)
+        for batch in iter_batches(uris, transform, batch_size, num_workers=num_workers, pin_memory=pin):
             result.failed.extend(batch.failed)
             if batch.images is not None:
                 fitter.update(batch.images)
@@ -135,66 +136,82 @@ def score_images(
     if keep_maps not in {"anomalous", "all", "none"}:
         raise ValueError(f"keep_maps must be 'anomalous', 'all' or 'none', got {keep_maps!r}")
     pin = model.mean.device.type == "cuda"
+    extractor = model.extractor()
+    transform = model.preprocessor(normalize=False)
     with progress_bar(len(uris), description) as bar:
-        batches = iter_batches(uris, model.preprocessor(), batch_size, num_workers=num_workers, pin_memory=pin)
+        batches = iter_batches(uris, transform, batch_size, num_workers=num_workers, pin_memory=pin)
         for index, batch in enumerate(batches):
             results: dict[str, ScoredImage] = {r.uri: ScoredImage(record=r) for r in batch.failed}
             if batch.images is not None:
-                prediction = model.predict(batch.images)
-                for i, record in enumerate(batch.records):
-                    results[record.uri] = summarise(model, record, prediction.anomaly_maps[i], keep_maps)
+                maps = model.anomaly_maps_from_embeddings(extractor(batch.images))
+                for scored in summarise_batch(model, batch.records, maps, keep_maps):
+                    results[scored.record.uri] = scored
             # The loader chunks the URIs in order; yield in the caller's order (failed and good interleave).
             for uri in uris[index * batch_size : (index + 1) * batch_size]:
                 yield results[uri]
             bar.advance(len(batch.records) + len(batch.failed))
 
 
-def summarise(model: PadimModel, record: ImageRecord, anomaly_map: torch.Tensor, keep_maps: str) -> ScoredImage:
-    """Turn one anomaly map into the figures of a report row.
+def summarise_batch(
+    model: PadimModel, records: Sequence[ImageRecord], anomaly_maps: torch.Tensor, keep_maps: str
+) -> list[ScoredImage]:
+    """Turn a batch of anomaly maps into the figures of report rows.
 
-    A map with NaN or infinite values becomes an error result: such values never reach a report.
+    The reductions (maximum, its location, the area above the pixel threshold, the finiteness
+    check) run batched on the maps' device; only these few numbers, and the maps that are kept,
+    are copied to the host. A map with NaN or infinite values becomes an error result: such values
+    never reach a report.
 
     Args:
-        model: The model that produced the map.
-        record: The image's identity.
-        anomaly_map: Shape ``(S, S)``.
+        model: The model that produced the maps.
+        records: The images' identities, one per map.
+        anomaly_maps: Shape ``(B, S, S)``, any device.
         keep_maps: ``"anomalous"``, ``"all"`` or ``"none"``.
 
     Returns:
-        The scored image.
+        One scored image per record.
     """
-    values = anomaly_map.float()
-    if not bool(torch.isfinite(values).all()):
-        failed = ImageRecord(
-            uri=record.uri,
-            sha256=record.sha256,
-            width=record.width,
-            height=record.height,
-            error="non-finite anomaly map (NaN or infinity); image not scored",
-        )
-        return ScoredImage(record=failed)
-    flat_index = int(torch.argmax(values))
-    side = values.shape[-1]
-    score = float(values.flatten()[flat_index])
-    max_x, max_y = input_to_original_xy(
-        flat_index % side, flat_index // side, record.width or side, record.height or side, model.config
-    )
+    flat = anomaly_maps.float().flatten(1)
+    side = anomaly_maps.shape[-1]
+    finite = torch.isfinite(flat).all(dim=1)
+    scores, positions = torch.nan_to_num(flat, nan=-torch.inf).max(dim=1)
     thresholds = model.thresholds
+    area = (flat > thresholds.pixel).float().mean(dim=1) if thresholds is not None else None
+    finite_h, scores_h, positions_h = finite.cpu().tolist(), scores.double().cpu().tolist(), positions.cpu().tolist()
+    area_h = area.double().cpu().tolist() if area is not None else [None] * len(records)
     threshold = thresholds.image if thresholds is not None else None
-    is_anomaly = bool(score > threshold) if threshold is not None else None
-    area = float((values > thresholds.pixel).float().mean()) if thresholds is not None else None
-    keep = keep_maps == "all" or (keep_maps == "anomalous" and bool(is_anomaly))
-    return ScoredImage(
-        record=record,
-        score=score,
-        threshold=threshold,
-        normalized_score=score / threshold if threshold else None,
-        is_anomaly=is_anomaly,
-        defect_area_fraction=area,
-        max_x=max_x,
-        max_y=max_y,
-        anomaly_map=values.numpy().copy() if keep else None,
-    )
+    results = []
+    for i, record in enumerate(records):
+        if not finite_h[i]:
+            failed = ImageRecord(
+                uri=record.uri,
+                sha256=record.sha256,
+                width=record.width,
+                height=record.height,
+                error="non-finite anomaly map (NaN or infinity); image not scored",
+            )
+            results.append(ScoredImage(record=failed))
+            continue
+        score = scores_h[i]
+        max_x, max_y = input_to_original_xy(
+            positions_h[i] % side, positions_h[i] // side, record.width or side, record.height or side, model.config
+        )
+        is_anomaly = bool(score > threshold) if threshold is not None else None
+        keep = keep_maps == "all" or (keep_maps == "anomalous" and bool(is_anomaly))
+        results.append(
+            ScoredImage(
+                record=record,
+                score=score,
+                threshold=threshold,
+                normalized_score=score / threshold if threshold else None,
+                is_anomaly=is_anomaly,
+                defect_area_fraction=area_h[i],
+                max_x=max_x,
+                max_y=max_y,
+                anomaly_map=anomaly_maps[i].float().cpu().numpy() if keep else None,
+            )
+        )
+    return results
 
 
 def collect_normal_maps(
@@ -226,7 +243,8 @@ def collect_normal_maps(
     failed: list[ImageRecord] = []
     extractor = model.extractor()
     with progress_bar(len(uris), description) as bar:
-        for batch in iter_batches(uris, model.preprocessor(), batch_size, num_workers=num_workers):
+        transform = model.preprocessor(normalize=False)
+        for batch in iter_batches(uris, transform, batch_size, num_workers=num_workers):
             failed.extend(batch.failed)
             if batch.images is not None:
                 embeddings = extractor(batch.images)

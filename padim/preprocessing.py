@@ -57,14 +57,23 @@ def compute_geometry(width: int, height: int, config: PadimConfig) -> Geometry:
 class Preprocessor:
     """Callable mapping an RGB PIL image to a normalised ``(3, S, S)`` float tensor.
 
+    With ``normalize=False`` it returns the resized, cropped pixels as a ``uint8`` tensor instead;
+    :class:`padim.features.FeatureExtractor` then normalises on the compute device. That is the
+    fast path of the pipeline: a quarter of the bytes to pin and copy to a GPU, and the float
+    arithmetic moves off the decoding threads.
+
     Args:
         config: Resize/crop options.
         mean: Per-channel mean of the backbone's normalisation.
         std: Per-channel standard deviation of the backbone's normalisation.
+        normalize: Return normalised float32 (default) or raw ``uint8`` pixels.
     """
 
-    def __init__(self, config: PadimConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(
+        self, config: PadimConfig, mean: tuple[float, ...], std: tuple[float, ...], normalize: bool = True
+    ) -> None:
         self.config = config
+        self.normalize = normalize
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
         self.inv_std = (1.0 / np.asarray(std, dtype=np.float32)).reshape(3, 1, 1)
 
@@ -75,7 +84,8 @@ class Preprocessor:
             image: Decoded image; converted to RGB if it is not.
 
         Returns:
-            Tensor of shape ``(3, S, S)``, ``S = config.input_size``.
+            Tensor of shape ``(3, S, S)``, ``S = config.input_size``: float32 normalised, or
+            ``uint8`` pixels when ``normalize`` is off.
         """
         if image.mode != "RGB":
             image = image.convert("RGB")
@@ -84,6 +94,8 @@ class Preprocessor:
             image = image.resize(geometry.resized, Image.Resampling.BILINEAR, reducing_gap=None)
         if geometry.crop_box != (0, 0, *geometry.resized):
             image = image.crop(geometry.crop_box)
+        if not self.normalize:
+            return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
         array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) * (1.0 / 255.0)
         array = (array - self.mean) * self.inv_std
         return torch.from_numpy(np.ascontiguousarray(array))

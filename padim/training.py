@@ -28,7 +28,7 @@ from padim.calibration import calibrate_thresholds, split_holdout
 from padim.config import PadimConfig
 from padim.errors import ConfigError, PadimError
 from padim.images import ImageRecord, iter_batches
-from padim.model import PadimFitter, PadimModel, TrainingInfo, build_model, resolve_device
+from padim.model import PadimFitter, PadimModel, TrainingInfo, auto_batch_size, build_model, resolve_device
 from padim.pipeline import collect_normal_maps
 from padim.progress import progress_bar
 from padim.statistics import GaussianAccumulator
@@ -41,7 +41,7 @@ class TrainSettings(BaseModel):
     """How to fit and calibrate a product model (besides the model configuration).
 
     Attributes:
-        batch_size: Images per backbone batch.
+        batch_size: Images per backbone batch; ``None`` picks one that fills the device.
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         shard_size: Images per fit task (hundreds to thousands: one task per shard, not per image).
         holdout_fraction: Share of the normal images held out for threshold calibration.
@@ -55,7 +55,7 @@ class TrainSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    batch_size: int = Field(default=32, ge=1, le=4096)
+    batch_size: int | None = Field(default=None, ge=1, le=4096)
     device: str = "auto"
     shard_size: int = Field(default=1000, ge=1)
     holdout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
@@ -208,8 +208,9 @@ def fit_shard(
     fitter = PadimFitter(config, device=settings.device)
     outcome = ShardOutcome(partial_url=None, n_images=0)
     pin = fitter.device.type == "cuda"
+    batch_size = settings.batch_size or auto_batch_size(config, fitter.device)
     with progress_bar(len(uris), description) as bar:
-        for batch in iter_batches(uris, fitter.preprocessor(), settings.batch_size, pin_memory=pin):
+        for batch in iter_batches(uris, fitter.preprocessor(normalize=False), batch_size, pin_memory=pin):
             outcome.failed.extend((r.uri, r.error or "unreadable") for r in batch.failed)
             keep = [i for i, r in enumerate(batch.records) if r.sha256 not in exclude_sha256]
             outcome.skipped.extend(r.uri for r in batch.records if r.sha256 in exclude_sha256)
@@ -308,7 +309,8 @@ def finalize_and_publish(
         training_images=images,
     )
     model = build_model(fitter, accumulator, training=training)
-    scores, maps, scored, failed = collect_normal_maps(model, list(holdout), batch_size=settings.batch_size)
+    batch_size = settings.batch_size or auto_batch_size(config, device)
+    scores, maps, scored, failed = collect_normal_maps(model, list(holdout), batch_size=batch_size)
     if not len(scored):
         reasons = "; ".join(f"{r.uri}: {r.error}" for r in failed[:3])
         raise PadimError(f"none of the {len(holdout)} held-out normal images could be scored ({reasons})")

@@ -225,6 +225,8 @@ def load_backbone(name: str, weights: str | None = None, device: str | torch.dev
     network, digest, source = _build_network(spec, weights)
     network.eval().requires_grad_(False)
     network.to(device)
+    if torch.device(device).type == "cuda":
+        network.to(memory_format=torch.channels_last)
     return Backbone(spec=spec, network=network, weights_sha256=digest, weights_source=source)
 
 
