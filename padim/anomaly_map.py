@@ -1,8 +1,9 @@
 """From patch distances to a smoothed anomaly map and an image score.
 
 The distance grid (stride 4) is upsampled bilinearly to the model input size and smoothed with a
-Gaussian blur (sigma 4, kernel ``2 * int(4 sigma + 0.5) + 1 = 33``, reflect padding), as in the
-paper and anomalib. The image score is the maximum of the map.
+Gaussian blur (sigma 4, kernel ``2 * int(4 sigma + 0.5) + 1 = 33``, reflect padding without
+repeating the edge sample, i.e. ``scipy.ndimage.gaussian_filter(mode="mirror", truncate=4)``), as in
+the paper and anomalib. The image score is the maximum of the map.
 """
 
 from __future__ import annotations

@@ -293,12 +293,23 @@ def load_model(url: str, device: str | torch.device = "cpu", with_statistics: bo
         raise IncompatibleModelError(
             f"model tensors do not match its configuration (expected mean ({h * w}, {d}))"
         )
-    projector = EmbeddingProjector(
-        spec.channels, indices=tensors.get("channel_indices"), projection=tensors.get("projection")
-    )
+    if accumulator is not None and (accumulator.num_positions, accumulator.dim) != (h * w, d):
+        raise IncompatibleModelError(
+            f"model statistics have P={accumulator.num_positions}, d={accumulator.dim}; "
+            f"its configuration needs P={h * w}, d={d}"
+        )
+    try:
+        projector = EmbeddingProjector(
+            spec.channels, indices=tensors.get("channel_indices"), projection=tensors.get("projection")
+        )
+    except ValueError as exc:
+        raise IncompatibleModelError(f"model channel reduction cannot be used: {exc}") from exc
     if projector.out_channels != d:
         raise IncompatibleModelError(f"model channel reduction gives {projector.out_channels} channels, expected {d}")
-    thresholds = Thresholds(**manifest["thresholds"]) if manifest.get("thresholds") else None
+    try:
+        thresholds = Thresholds(**manifest["thresholds"]) if manifest.get("thresholds") else None
+    except TypeError as exc:
+        raise IncompatibleModelError(f"model thresholds cannot be read by this code: {exc}") from exc
     training = TrainingInfo(
         n_train=int(manifest.get("n_train", 0)),
         training_set_sha256=str(manifest.get("training_set_sha256", "")),

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 BackboneName = Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2"]
 ChannelSelection = Literal["random", "semi_orthogonal", "all"]
 ResizeMode = Literal["square", "shorter_side"]
-CovarianceEstimator = Literal["fixed", "ledoit_wolf"]
+CovarianceEstimator = Literal["fixed", "oas"]
 
 
 class PadimConfig(BaseModel):
@@ -36,8 +36,10 @@ class PadimConfig(BaseModel):
         resize_mode: ``"square"`` resizes to ``image_size x image_size`` (the paper);
             ``"shorter_side"`` keeps the aspect ratio (the shorter side becomes ``image_size``).
         eps: Diagonal regularisation added to each covariance (the paper: 0.01).
-        covariance: ``"fixed"`` adds ``eps * I``; ``"ledoit_wolf"`` shrinks each covariance
-            towards a scaled identity with the Ledoit-Wolf optimal intensity, then adds ``eps * I``.
+        covariance: ``"fixed"`` adds ``eps * I`` (the paper); ``"oas"`` shrinks each covariance
+            towards a scaled identity with the Oracle Approximating Shrinkage intensity (Chen et al.
+            2010; computable from the streamed statistics, unlike Ledoit-Wolf, which needs fourth
+            moments of the individual vectors), then adds ``eps * I``.
         blur_sigma: Standard deviation of the Gaussian blur of the anomaly map (the paper: 4).
     """
 
@@ -64,6 +66,12 @@ class PadimConfig(BaseModel):
         if self.resize_mode == "shorter_side" and self.crop_size is None:
             raise ValueError(
                 "resize_mode 'shorter_side' needs a crop_size so that every image has the same shape"
+            )
+        radius = int(4.0 * self.blur_sigma + 0.5)  # the blur kernel's half width (reflect padding)
+        if self.blur_sigma > 0 and radius >= self.input_size:
+            raise ValueError(
+                f"blur_sigma ({self.blur_sigma}) is too large for a {self.input_size} px input: "
+                f"the blur needs a radius ({radius} px) smaller than the input"
             )
         return self
 

@@ -87,8 +87,14 @@ class EmbeddingProjector(nn.Module):
         self.register_buffer("projection", projection.float() if projection is not None else None)
         self._per_stage: list[torch.Tensor] = []
         if indices is not None:
-            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= total):
+            if indices.ndim != 1 or indices.numel() == 0:
+                raise ValueError(f"channel indices must be a non-empty 1-D tensor, got shape {tuple(indices.shape)}")
+            if int(indices.min()) < 0 or int(indices.max()) >= total:
                 raise ValueError(f"channel indices must lie in [0, {total})")
+        # Selecting per stage before upsampling equals selecting after the concatenation only for
+        # strictly increasing indices (the order is kept, no channel repeats); any other index
+        # tensor (e.g. from another tool's artifact) is applied to the full concatenation.
+        if indices is not None and bool((indices[1:] > indices[:-1]).all()):
             offsets = [0]
             for channels in self.stage_channels:
                 offsets.append(offsets[-1] + channels)
@@ -111,7 +117,7 @@ class EmbeddingProjector(nn.Module):
         """Build the embedding.
 
         Channels are selected per stage before upsampling (equal to selecting after the
-        concatenation, since the kept indices are sorted, and cheaper).
+        concatenation when the kept indices are strictly increasing, as drawn here, and cheaper).
 
         Args:
             features: Tapped maps, shapes ``(B, C_i, H_i, W_i)``, the first at the finest stride.
@@ -124,6 +130,10 @@ class EmbeddingProjector(nn.Module):
         size = features[0].shape[-2:]
         parts = []
         for stage, feature in enumerate(features):
+            if feature.shape[1] != self.stage_channels[stage]:
+                raise ValueError(
+                    f"feature map {stage} has {feature.shape[1]} channels, expected {self.stage_channels[stage]}"
+                )
             if self._per_stage:
                 chosen = self._per_stage[stage].to(feature.device)
                 if chosen.numel() == 0:
@@ -134,6 +144,8 @@ class EmbeddingProjector(nn.Module):
                 feature = F.interpolate(feature, size=size, mode="nearest")
             parts.append(feature)
         embedding = torch.cat(parts, dim=1)
+        if self.indices is not None and not self._per_stage:
+            embedding = embedding.index_select(1, self.indices.to(embedding.device))
         if self.projection is not None:
             embedding = torch.einsum("bchw,cd->bdhw", embedding, self.projection.to(embedding.dtype))
         return embedding

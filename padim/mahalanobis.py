@@ -77,8 +77,14 @@ def mahalanobis_distances(
         factor: Whitening matrices ``L^{-1}``, shape ``(P, d, d)``.
         chunk: Positions per matrix product (bounds temporary memory); ``None`` = all.
 
+    The vectors are centred in at least float32 and only then cast to ``factor``'s dtype: with a
+    float16/bfloat16 factor, casting the raw embeddings first would round away most of
+    ``x - mean`` (embeddings sit far from the origin) and move the distances by several percent.
+
     Returns:
-        Distances (not squared), shape ``(B, H, W)`` or ``(B, P)``, in ``factor``'s dtype.
+        Distances (not squared), shape ``(B, H, W)`` or ``(B, P)``: float64 for a float64
+        factor, float32 otherwise (a float16/bfloat16 factor is accumulated and returned in
+        float32).
 
     Raises:
         ValueError: If the shapes are inconsistent.
@@ -91,12 +97,13 @@ def mahalanobis_distances(
             f"embeddings (B, {d}, {p}) do not match mean {tuple(mean.shape)} and factor {tuple(factor.shape)}"
         )
     dtype = factor.dtype
-    x = flat.to(dtype).permute(2, 1, 0)  # (P, d, B)
+    accumulate = torch.promote_types(dtype, torch.float32)
+    x = flat.permute(2, 1, 0)  # (P, d, B)
     step = p if chunk is None else max(1, chunk)
-    out = torch.empty(p, b, dtype=dtype, device=flat.device)
+    out = torch.empty(p, b, dtype=accumulate, device=flat.device)
     for start in range(0, p, step):
         stop = min(p, start + step)
-        centred = x[start:stop] - mean[start:stop].to(dtype).unsqueeze(2)
-        whitened = torch.bmm(factor[start:stop], centred)
-        out[start:stop] = whitened.float().square().sum(dim=1).sqrt().to(dtype)
+        centred = x[start:stop].to(accumulate) - mean[start:stop].to(accumulate).unsqueeze(2)
+        whitened = torch.bmm(factor[start:stop], centred.to(dtype))
+        out[start:stop] = whitened.to(accumulate).square().sum(dim=1).sqrt()
     return out.transpose(0, 1).reshape(b, *spatial)

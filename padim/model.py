@@ -396,6 +396,12 @@ def build_model(
         projector = new_projector(config)
         if accumulator is None or weights_sha256 is None:
             raise ValueError("building a model from a configuration needs the accumulator and weights_sha256")
+    h, w = grid_size(config, get_spec(config.backbone))
+    if (accumulator.num_positions, accumulator.dim) != (h * w, projector.out_channels):
+        raise ValueError(
+            f"statistics have P={accumulator.num_positions}, d={accumulator.dim}; "
+            f"the configuration needs P={h * w}, d={projector.out_channels}"
+        )
     factor = whitening_from_accumulator(accumulator, config.eps, config.covariance, dtype=factor_dtype)
     training = training or TrainingInfo(n_train=accumulator.n, training_set_sha256="")
     model = PadimModel(

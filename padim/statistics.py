@@ -171,7 +171,8 @@ class GaussianAccumulator:
             stop: One past the last position.
             eps: Added to every diagonal entry after any shrinkage.
             shrinkage: ``"fixed"`` (the paper: ``S + eps I``) or ``"oas"`` (Oracle Approximating
-                Shrinkage of Chen et al. 2010 towards ``tr(S)/d I``, then ``+ eps I``).
+                Shrinkage of Chen et al. 2010 towards ``tr(S)/d I``, in the unbiased scale, see
+                :func:`oas_shrink`; then ``+ eps I``).
 
         Returns:
             Float64 tensor of shape ``(stop - start, d, d)``.
@@ -261,16 +262,18 @@ class GaussianAccumulator:
 def oas_shrink(covariance: torch.Tensor, n: int) -> torch.Tensor:
     """Oracle Approximating Shrinkage of sample covariances (Chen, Wiesel, Eldar, Hero 2010).
 
-    Shrinks each ``S`` towards ``mu I`` with ``mu = tr(S) / d``. The intensity depends only on
-    ``S`` and ``n``, so it stays exact under streaming. Matches
-    ``sklearn.covariance.OAS(assume_centered=...)`` applied to the maximum-likelihood estimate.
+    Shrinks each maximum-likelihood covariance ``S_ml = S (n - 1) / n`` towards ``mu I`` with
+    ``mu = tr(S_ml) / d``, with the intensity of ``sklearn.covariance.oas`` (which depends only on
+    ``S`` and ``n``, so it stays exact under streaming), and returns the result rescaled by
+    ``n / (n - 1)`` to the unbiased scale of the input: the output equals
+    ``sklearn.covariance.OAS().fit(X).covariance_ * n / (n - 1)`` for the ``n`` vectors ``X``.
 
     Args:
-        covariance: Unbiased sample covariances, shape ``(P, d, d)``.
-        n: Number of samples.
+        covariance: Unbiased sample covariances (``ddof = 1``), shape ``(P, d, d)``.
+        n: Number of samples (at least 2).
 
     Returns:
-        Shrunk covariances, shape ``(P, d, d)``, in the scale of the input.
+        Shrunk covariances, shape ``(P, d, d)``, in the unbiased scale of the input.
     """
     d = covariance.shape[-1]
     emp = covariance * ((n - 1) / n)  # maximum-likelihood estimate, as sklearn's OAS uses

@@ -24,11 +24,21 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from padim.artifact import load_model, load_statistics, save_model, save_statistics, training_set_digest
+from padim.backbones import get_backbone
 from padim.calibration import calibrate_thresholds, split_holdout
 from padim.config import PadimConfig
-from padim.errors import ConfigError, PadimError
+from padim.embedding import EmbeddingProjector
+from padim.errors import ConfigError, IncompatibleModelError, PadimError
 from padim.images import ImageRecord, iter_batches
-from padim.model import PadimFitter, PadimModel, TrainingInfo, auto_batch_size, build_model, resolve_device
+from padim.model import (
+    PadimFitter,
+    PadimModel,
+    TrainingInfo,
+    auto_batch_size,
+    build_model,
+    new_projector,
+    resolve_device,
+)
 from padim.pipeline import collect_normal_maps
 from padim.progress import progress_bar
 from padim.statistics import GaussianAccumulator
@@ -286,13 +296,18 @@ def finalize_and_publish(
             scored.
     """
     device = resolve_device(settings.device)
-    fitter = PadimFitter(config, device=device)
-    identity = config_identity(config, fitter.backbone.weights_sha256)
+    weights_sha256 = get_backbone(config.backbone, config.weights, device).weights_sha256
+    identity = config_identity(config, weights_sha256)
     partials = [o.partial_url for o in outcomes if o.partial_url]
     images = [pair for o in outcomes for pair in o.fitted]
     if base is not None:
         if base.accumulator is None:
             raise PadimError("the previous model has no statistics to add to; refit from scratch")
+        if not same_projection(base.projector, new_projector(config)):
+            raise IncompatibleModelError(
+                "this installation draws a different channel subset for the model's seed than the one stored "
+                "with the model (another torch version?); new images cannot be added: run a full refit"
+            )
         accumulator = base.accumulator
         if partials:
             accumulator.merge(merge_partials(partials, identity, device))
@@ -308,7 +323,7 @@ def finalize_and_publish(
         training_set_sha256=training_set_digest([sha for _, sha in images]),
         training_images=images,
     )
-    model = build_model(fitter, accumulator, training=training)
+    model = build_model(config, accumulator, weights_sha256=weights_sha256, training=training)
     batch_size = settings.batch_size or auto_batch_size(config, device)
     scores, maps, scored, failed = collect_normal_maps(model, list(holdout), batch_size=batch_size)
     if not len(scored):
@@ -333,6 +348,25 @@ def finalize_and_publish(
         pixel_threshold=model.thresholds.pixel,
         manifest=manifest,
     )
+
+
+def same_projection(stored: EmbeddingProjector, drawn: EmbeddingProjector) -> bool:
+    """Whether a model's stored channel reduction equals the one this installation draws from its seed.
+
+    Args:
+        stored: The projector saved with the model.
+        drawn: The projector :func:`padim.model.new_projector` builds now.
+
+    Returns:
+        True when both select the same channels (or the same projection).
+    """
+    for name in ("indices", "projection"):
+        a, b = getattr(stored, name), getattr(drawn, name)
+        if (a is None) != (b is None):
+            return False
+        if a is not None and (a.shape != b.shape or not torch.equal(a.cpu(), b.cpu())):
+            return False
+    return True
 
 
 def load_base_model(store: ModelStore, product: str, device: str | torch.device = "cpu") -> PadimModel:
