@@ -39,11 +39,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from padim.anomaly_map import image_scores  # noqa: E402
-from padim.config import PadimConfig  # noqa: E402
-from padim.images import iter_batches, list_images  # noqa: E402
-from padim.model import PadimFitter, build_model  # noqa: E402
-from padim.pipeline import fit_images, score_images  # noqa: E402
+from padim.anomaly_map import image_scores
+from padim.config import PadimConfig
+from padim.images import iter_batches, list_images
+from padim.model import PadimFitter, build_model
+from padim.pipeline import fit_images, score_images
 
 CASES = (
     ("resnet18", 100, "random", 256),
@@ -113,7 +113,14 @@ def measure_case(name: str, d: int, weights: str | None, batch: int, device: tor
             network(cl)
 
     reset_peak(device)
-    emit({**tag, "bench": "floor_backbone", "images_per_s": rate(floor, batch, device, seconds), "peak_mb": peak_mb(device)})
+    emit(
+        {
+            **tag,
+            "bench": "floor_backbone",
+            "images_per_s": rate(floor, batch, device, seconds),
+            "peak_mb": peak_mb(device),
+        }
+    )
     if device.type == "cuda":
 
         def floor_amp() -> None:
@@ -137,7 +144,14 @@ def measure_case(name: str, d: int, weights: str | None, batch: int, device: tor
         return image_scores(model.anomaly_maps_from_embeddings(extractor(images)))
 
     reset_peak(device)
-    emit({**tag, "bench": "score_device", "images_per_s": rate(score_device, batch, device, seconds), "peak_mb": peak_mb(device)})
+    emit(
+        {
+            **tag,
+            "bench": "score_device",
+            "images_per_s": rate(score_device, batch, device, seconds),
+            "peak_mb": peak_mb(device),
+        }
+    )
     host = images.cpu().pin_memory() if device.type == "cuda" else images
     emit({**tag, "bench": "score_host_maps", "images_per_s": rate(lambda: model.predict(host), batch, device, seconds)})
     reference = score_device().double().cpu()
@@ -159,9 +173,6 @@ def measure_case(name: str, d: int, weights: str | None, batch: int, device: tor
                 "max_rel_change_factor_and_backbone_fp16": float(((both - reference).abs() / reference).max()),
             }
         )
-    del model, extractor
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def make_files(folder: Path, count: int, size: tuple[int, int] = (640, 480)) -> list[str]:
@@ -189,14 +200,21 @@ def measure_files(device: torch.device, count: int, batch: int) -> None:
         transform = fitter.preprocessor()
         start = time.perf_counter()
         n = sum(len(b) for b in iter_batches(uris, transform, batch))
-        emit({"bench": "decode_only", "images": n, "images_per_s": n / (time.perf_counter() - start), "workers": os.cpu_count()})
+        emit(
+            {
+                "bench": "decode_only",
+                "images": n,
+                "images_per_s": n / (time.perf_counter() - start),
+                "workers": os.cpu_count(),
+            }
+        )
         tag = {"backbone": "resnet18", "d": 100, "batch": batch, "device": str(device), "images": len(uris)}
         fit_images(uris[: min(len(uris), 2 * batch)], config, batch_size=batch, device=device)  # warm-up
         reset_peak(device)
         result = fit_images(uris, config, batch_size=batch, device=device)
         synchronize(device)
         emit({**tag, "bench": "fit_end_to_end", "images_per_s": len(uris) / result.seconds, "peak_mb": peak_mb(device)})
-        model = build_model(PadimFitter(config, device=device), result.accumulator)
+        model = build_model(config, result.accumulator, weights_sha256=fitter.backbone.weights_sha256)
         list(score_images(model, uris[: 2 * batch], batch_size=batch, keep_maps="none"))  # warm-up
         start = time.perf_counter()
         scored = sum(1 for s in score_images(model, uris, batch_size=batch, keep_maps="none") if s.ok)
@@ -229,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             measure_case(name, d, weights, batch, device, 0.5 if args.quick else args.seconds)
         except Exception as exc:  # report and go on: device time is precious
             emit({"bench": "error", "backbone": name, "error": repr(exc), "trace": traceback.format_exc()[-2000:]})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     try:
         measure_files(device, 16 if args.quick else args.files, 8 if args.quick else 256)
     except Exception as exc:

@@ -28,9 +28,9 @@ from padim.errors import PadimError
 STATE_FORMAT = "padim.gaussian-accumulator/1"
 
 
-def _position_chunk(num_positions: int, dim: int, batch: int, budget_bytes: int = 256 << 20) -> int:
-    """Number of positions processed at once so that temporaries stay within ``budget_bytes``."""
-    per_position = 8 * (dim * dim + dim * max(batch, 1))
+def _position_chunk(num_positions: int, dim: int, batch: int, budget_bytes: int = 16 << 20) -> int:
+    """Number of positions processed at once so that float64 temporaries stay within ``budget_bytes``."""
+    per_position = 8 * dim * max(batch, 1)
     return max(1, min(num_positions, budget_bytes // max(per_position, 1)))
 
 
@@ -88,20 +88,22 @@ class GaussianAccumulator:
         Raises:
             ValueError: If the shape does not match ``d`` and ``P``, or values are not finite.
         """
-        batch = self._to_positions_first(embeddings)
-        b = batch.shape[2]
+        flat = self._check_shape(embeddings).to(self.device)  # (B, d, P), caller's dtype
+        b = flat.shape[0]
         if b == 0:
             return
-        if not torch.isfinite(batch).all():
+        if not torch.isfinite(flat).all():
             raise ValueError("embeddings contain NaN or infinite values")
-        batch_mean = batch.mean(dim=2)
-        centred = batch - batch_mean.unsqueeze(2)
+        batch_mean = flat.mean(dim=0, dtype=torch.float64).transpose(0, 1)  # (P, d)
         n_a, n = self.n, self.n + b
         delta = batch_mean - self.mean
+        # Convert and centre one block of positions at a time: the float64 copy of the whole
+        # batch never exists, which keeps the fit's peak memory flat and small.
         chunk = _position_chunk(self.num_positions, self.dim, b)
         for start in range(0, self.num_positions, chunk):
             stop = start + chunk
-            block = centred[start:stop]
+            block = flat[:, :, start:stop].to(torch.float64).permute(2, 1, 0).contiguous()  # (c, d, B)
+            block.sub_(batch_mean[start:stop].unsqueeze(2))
             self.m2[start:stop].baddbmm_(block, block.transpose(1, 2))
             if n_a:
                 d = delta[start:stop]
@@ -242,7 +244,8 @@ class GaussianAccumulator:
         accumulator.m2 = m2.to(device=device, dtype=torch.float64)
         return accumulator
 
-    def _to_positions_first(self, embeddings: torch.Tensor) -> torch.Tensor:
+    def _check_shape(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Embeddings as ``(B, d, P)`` (a view), after checking ``d`` and ``P``."""
         if embeddings.ndim == 4:
             embeddings = embeddings.flatten(2)
         if embeddings.ndim != 3 or embeddings.shape[1] != self.dim or embeddings.shape[2] != self.num_positions:
@@ -250,7 +253,7 @@ class GaussianAccumulator:
                 f"expected embeddings of shape (B, {self.dim}, {self.num_positions}) or (B, {self.dim}, H, W), "
                 f"got {tuple(embeddings.shape)}"
             )
-        return embeddings.to(device=self.device, dtype=torch.float64).permute(2, 1, 0).contiguous()
+        return embeddings
 
     def _check_count(self, ddof: int) -> None:
         if self.n <= ddof:
