@@ -11,7 +11,7 @@ from flows.runners import task_runner_from_env
 from flows.train import artifact_key, run_id
 from padim.inspection import ScoreSettings, check_drift, merge_top, plan_scoring, resolve_model
 from tasks.events import DRIFT_DETECTED, INSPECTION_COMPLETED, emit_event_task, publish_artifacts_task
-from tasks.scoring import already_scored_task, score_shard_task
+from tasks.scoring import already_scored_task, compact_partition_task, score_shard_task
 from tasks.storage import list_images_task
 
 
@@ -83,7 +83,7 @@ def score(
     day = parse_day(date)
     settings = ScoreSettings(batch_size=batch_size, device=device, shard_size=shard_size, heatmaps=heatmaps)
     model_store = open_store(store)
-    model = resolve_model(model_store, product, version)
+    model = resolve_model(model_store, product, version, device=settings.device)
     check_folder(images_url, "production images")
     uris = list_images_task(images_url)
     done = already_scored_task(model_store.root, product, model.version)
@@ -95,6 +95,13 @@ def score(
         for shard in shards
     ]
     reports = [future.result() for future in futures]
+    report_files = [f for r in reports for f in r.report_files]
+    if reports:
+        try:  # the rows are already safe in the shard files; compaction only speeds up queries
+            compacted = compact_partition_task(model_store.root, product, day)
+            report_files = [compacted] if compacted else report_files
+        except Exception as exc:
+            logger.warning("%s: could not compact the report partition of %s: %s", product, day, exc)
     manifest_thresholds = model_store.read_manifest(product, model.version).get("thresholds") or {}
     median = manifest_thresholds.get("normal_median")
     drift = check_drift(
@@ -113,7 +120,7 @@ def score(
         "n_scored": sum(r.n_scored for r in reports),
         "n_anomalies": sum(r.n_anomalies for r in reports),
         "n_errors": sum(r.n_errors for r in reports),
-        "report_files": [f for r in reports for f in r.report_files],
+        "report_files": report_files,
         "drift": {
             "detected": drift.detected,
             "reasons": drift.reasons,

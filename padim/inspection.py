@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from padim.artifact import check_servable, load_model, read_manifest
+from padim.artifact import check_servable, load_model
 from padim.errors import IncompatibleModelError, PadimError
 from padim.fsio import write_bytes_atomic
 from padim.images import load_pil
@@ -132,28 +132,47 @@ class DriftResult:
     reasons: list[str] = field(default_factory=list)
 
 
-def resolve_model(store: ModelStore, product: str, version: str | None = None) -> ResolvedModel:
+def resolve_model(
+    store: ModelStore, product: str, version: str | None = None, device: str | None = None
+) -> ResolvedModel:
     """Find and check the model version to score with, before any image is read.
+
+    With ``device``, the model is also loaded into this process's cache (:func:`cached_model`)
+    and its backbone attached: every file's checksum, the tensors' shapes against the
+    configuration (input size, channels) and the backbone weights' identity are then checked
+    here, once, rather than in the first score task after the images were listed and read.
+    Tasks running in this process (the default thread runner) reuse the loaded model.
 
     Args:
         store: Model store.
         product: Product name.
         version: A version name, or ``None`` for the latest.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` to load and check the whole model; ``None``
+            checks only the manifest.
 
     Returns:
         The resolved version.
 
     Raises:
         ModelNotFoundError: No model (or no such version) for the product.
-        IncompatibleModelError: The running code cannot serve the model, or it has no threshold.
+        ModelIntegrityError: A file of the version was altered after publishing.
+        IncompatibleModelError: The running code cannot serve the model (format, backbone, taps,
+            input size, channels, backbone weights), or it has no threshold.
+        WeightsUnavailableError: The backbone weights the model needs cannot be loaded.
     """
     version = version or store.latest(product)
     url = store.version_url(product, version)
-    manifest = read_manifest(url)
+    manifest = store.read_manifest(product, version)
     config = check_servable(manifest)
     thresholds = manifest.get("thresholds") or {}
     if not thresholds.get("image"):
         raise IncompatibleModelError(f"model {product} {version} has no calibrated threshold; retrain it")
+    if device is not None:
+        model = cached_model(url, device)
+        try:
+            model.extractor()
+        except ValueError as exc:  # the backbone or its weights differ from the model's
+            raise IncompatibleModelError(f"model {product} {version} cannot be served: {exc}") from exc
     return ResolvedModel(version=version, url=url, backbone=config.backbone, image_threshold=float(thresholds["image"]))
 
 
@@ -291,7 +310,8 @@ def _row_of(
 ) -> dict[str, Any]:
     """Report row of one result (writing its heat map first when anomalous)."""
     record = scored.record
-    if not scored.ok:
+    complete = record.width is not None and record.height is not None and scored.threshold is not None
+    if not scored.ok or not complete:
         report.n_errors += 1
         return make_error_row(
             product=product,
@@ -299,7 +319,7 @@ def _row_of(
             run_id=run_id,
             image_uri=record.uri,
             model_version=version,
-            error=record.error or "not scored",
+            error=record.error or "not scored (no size or threshold)",
             backbone=model.config.backbone,
             image_sha256=record.sha256,
             width=record.width,
@@ -321,12 +341,12 @@ def _row_of(
         run_id=run_id,
         image_uri=record.uri,
         image_sha256=record.sha256 or "",
-        width=record.width or 0,
-        height=record.height or 0,
+        width=int(record.width),
+        height=int(record.height),
         model_version=version,
         backbone=model.config.backbone,
         score=float(scored.score or 0.0),
-        threshold=float(scored.threshold or 0.0),
+        threshold=float(scored.threshold),
         defect_area_fraction=float(scored.defect_area_fraction or 0.0),
         max_x=scored.max_x or 0,
         max_y=scored.max_y or 0,

@@ -7,7 +7,7 @@ from datetime import date
 from prefect import get_run_logger, task
 
 from padim.inspection import ScoreSettings, ShardReport, score_shard
-from padim.reports import scored_images
+from padim.reports import compact_partition, scored_images
 from padim.store import ModelStore
 from tasks.policy import TASK_OPTIONS
 
@@ -58,3 +58,21 @@ def score_shard_task(
         "scored %d images: %d anomalies, %d errors", report.n_scored, report.n_anomalies, report.n_errors
     )
     return report
+
+
+@task(name="compact-report-partition", **TASK_OPTIONS)
+def compact_partition_task(store_url: str, product: str, day: date) -> str | None:
+    """Rewrite a night's report partition as one deduplicated file (queries read fewer files).
+
+    Safe while other runs write: the new file is complete before any old one is deleted, and only
+    the files it merged are deleted.
+
+    Args:
+        store_url: Store root.
+        product: Product name.
+        day: Production date.
+
+    Returns:
+        The partition's file, or ``None`` when it is empty.
+    """
+    return compact_partition(store_url, product, day)
