@@ -4,15 +4,44 @@ from __future__ import annotations
 
 from datetime import date, datetime, timezone
 
+from fsspec import AbstractFileSystem
+
 from padim.config import PadimConfig
 from padim.errors import ConfigError
-from padim.fsio import exists
+from padim.fsio import url_to_fs
 from padim.store import ModelStore, default_store_url, validate_product
 
 
+def resolve_url(url: str, what: str) -> tuple[AbstractFileSystem, str]:
+    """The filesystem and path of a URL, or a clear error for an unusable one.
+
+    Args:
+        url: Local path or fsspec URL.
+        what: What the URL is, for the message.
+
+    Returns:
+        ``(fs, path)``.
+
+    Raises:
+        ConfigError: For an empty URL, an unknown protocol or one whose fsspec package is missing.
+    """
+    if not url or not url.strip():
+        raise ConfigError(f"no {what} given")
+    try:
+        return url_to_fs(url)
+    except (ValueError, ImportError) as exc:
+        raise ConfigError(f"{what} {url!r} is not a usable path or URL: {exc}") from exc
+
+
 def open_store(store: str | None) -> ModelStore:
-    """The model store at ``store`` (default ``$PADIM_STORE`` or ``./padim-store``)."""
-    return ModelStore(store or default_store_url())
+    """The model store at ``store`` (default ``$PADIM_STORE`` or ``./padim-store``).
+
+    Raises:
+        ConfigError: If the store URL is unusable (unknown protocol).
+    """
+    model_store = ModelStore(store or default_store_url())
+    resolve_url(model_store.root, "store")
+    return model_store
 
 
 def check_product(product: str) -> str:
@@ -31,9 +60,12 @@ def check_folder(url: str, what: str) -> str:
         The URL.
 
     Raises:
-        ConfigError: If it does not exist.
+        ConfigError: If it is not given, not a usable URL, does not exist or is not a folder.
     """
-    if not url or not exists(url):
+    fs, path = resolve_url(url, f"{what} folder")
+    if not fs.isdir(path):
+        if fs.exists(path):
+            raise ConfigError(f"{what} folder {url} is a file, not a folder")
         raise ConfigError(f"{what} folder not found: {url}")
     return url
 

@@ -4,6 +4,13 @@ Per deployment: set ``PADIM_TASK_RUNNER=dask`` (and ``PADIM_DASK_ADDRESS=tcp://s
 an existing cluster, else a LocalCluster of ``PADIM_DASK_WORKERS`` processes) in the work pool's or
 deployment's environment. Per run: :func:`with_task_runner`, which the command line uses for
 ``--dask``.
+
+Determinism: the float32 reductions of some CNNs (EfficientNet-Lite0's depthwise convolutions)
+depend on the number of intra-op threads, and Dask's nanny starts worker processes with
+``OMP_NUM_THREADS=1``. A LocalCluster's workers therefore get the flow process's intra-op thread
+count, so a shard embeds to the same bits on either runner and the float64 statistics agree to
+rounding of the merge. Workers of an existing cluster (``address``) should be started with the same
+``OMP_NUM_THREADS`` as the process they are compared with.
 """
 
 from __future__ import annotations
@@ -49,8 +56,21 @@ def make_task_runner(kind: RunnerKind = "threads", address: str | None = None, w
             "threads_per_worker": 1,
             "processes": True,
             "dashboard_address": None,
+            "env": worker_thread_env(),
         }
     )
+
+
+def worker_thread_env() -> dict[str, str]:
+    """Environment giving worker processes this process's intra-op thread count.
+
+    Returns:
+        ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` set to ``torch.get_num_threads()``.
+    """
+    import torch
+
+    threads = str(torch.get_num_threads())
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
 def task_runner_from_env() -> Any:
