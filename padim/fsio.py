@@ -38,6 +38,17 @@ HASH_CHUNK_BYTES = 8 * 1024 * 1024
 _LOCAL_PROTOCOLS = frozenset({"file", "local"})
 
 
+def _current_umask() -> int:
+    """The process umask (read once at import, when no other thread can race the two calls)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_current_umask()
+"""Mode of files written by :func:`write_bytes_atomic`: what ``open()`` would give (mkstemp gives 0600)."""
+
+
 def url_to_fs(url: str) -> tuple[AbstractFileSystem, str]:
     """Resolve a URL to its filesystem and the path inside it.
 
@@ -168,6 +179,7 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, _FILE_MODE)  # reports and heat maps must be readable like any other file
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

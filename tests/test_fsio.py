@@ -54,6 +54,14 @@ def test_write_bytes_atomic_local(tmp_path: Path) -> None:
     assert fsio.exists(str(target)) and not fsio.exists(str(tmp_path / "nope"))
 
 
+def test_write_bytes_atomic_gives_the_usual_file_mode(tmp_path: Path) -> None:
+    target = tmp_path / "report.parquet"
+    fsio.write_bytes_atomic(str(target), b"x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # as open() would create it, not mkstemp's 0600
+
+
 def test_write_bytes_atomic_failure_keeps_old_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "pointer"
     fsio.write_bytes_atomic(str(target), b"old")
