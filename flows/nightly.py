@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 
 from flows.params import check_product, open_store, parse_day
 from flows.score import score
+from padim.errors import PadimError
 from padim.products import configured_products, read_product_settings
 
 
@@ -59,5 +60,5 @@ def nightly(
             results[settings.product] = {"error": str(exc)}
             failures.append(settings.product)
     if failures:
-        raise RuntimeError(f"nightly scoring failed for {', '.join(failures)}; the other products were scored")
+        raise PadimError(f"nightly scoring failed for {', '.join(failures)}; the other products were scored")
     return {"date": day.isoformat(), "products": results}

@@ -491,7 +491,7 @@ def test_nightly_scores_every_product_and_one_failure_does_not_stop_the_others(
 
     # the next night only line-a's images arrived
     write_images(str(tmp_path / "incoming" / "line-a" / "2026-11-25"), 4, seed=33, prefix="a")
-    with pytest.raises(RuntimeError, match="line-b"):
+    with pytest.raises(PadimError, match="line-b"):
         nightly(store=store.root, date="2026-11-25", device="cpu")
 
     assert len(rows_of(store.root, "line-a", "2026-11-25")) == 4
