@@ -36,7 +36,8 @@ def fit_and_publish(
     """Fan the fit shards out to tasks, then merge, calibrate and publish (shared by train and retrain).
 
     Partial statistics live under ``<store>/<product>/work/<run id>/`` and are removed afterwards,
-    whether the run succeeds or fails.
+    whether the run succeeds or fails; if that clean-up fails (the store is unreachable), a
+    warning is logged and the run's own result or error stands.
 
     Args:
         store: Model store.
@@ -65,7 +66,10 @@ def fit_and_publish(
         )
         return published, outcomes
     finally:
-        remove_work_area_task(work)
+        try:
+            remove_work_area_task(work)
+        except Exception as exc:  # leftover partials are harmless: never let them hide the run's outcome
+            get_run_logger().warning("could not remove the work area %s (%s); delete it later", work, exc)
 
 
 def summarise_version(published: PublishedModel, failed: int = 0) -> str:

@@ -426,7 +426,9 @@ class ModelStore:
             ModelNotFoundError: The version does not exist or is not complete.
             ModelIntegrityError: The manifest is missing or not valid JSON.
         """
-        return _read_manifest(self.version_url(product, version))
+        url = self.version_url(product, version)
+        _check_manifest_digest(url)
+        return _read_manifest(url)
 
     def verify(self, product: str, version: str) -> dict[str, Any]:
         """Re-check every file of a complete version against its manifest (sizes and sha256).
@@ -438,7 +440,9 @@ class ModelStore:
             ModelNotFoundError: The version does not exist or is not complete.
             ModelIntegrityError: A file is missing, truncated or altered.
         """
-        return _verify_folder(self.version_url(product, version))
+        url = self.version_url(product, version)
+        _check_manifest_digest(url)
+        return _verify_folder(url)
 
     # ---- writing ------------------------------------------------------------------------------
 
@@ -664,6 +668,8 @@ class ModelStore:
             "version": version,
             "completed_at": _utc_now_iso(),
             "files": sorted([*manifest["files"], MANIFEST_NAME]),
+            # manifest.json holds the other files' checksums; the marker holds the manifest's.
+            "manifest_sha256": sha256_of(join_url(folder_url, MANIFEST_NAME))[0],
         }
         write_bytes_atomic(join_url(folder_url, COMPLETE_MARKER), _to_json(marker))
 
@@ -694,6 +700,32 @@ def _read_manifest(folder_url: str) -> dict[str, Any]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise ModelIntegrityError(f"{manifest_url} has no 'files' object mapping names to sha256/size")
     return manifest
+
+
+def _check_manifest_digest(folder_url: str) -> None:
+    """Check ``manifest.json`` against the sha256 its ``_COMPLETE`` marker recorded at publishing.
+
+    Versions committed before the marker recorded it are accepted as they are.
+
+    Raises:
+        ModelIntegrityError: The manifest was altered (or replaced) after publishing.
+    """
+    try:
+        marker = _loads_or_empty(read_bytes(join_url(folder_url, COMPLETE_MARKER)))
+    except FileNotFoundError:
+        return
+    expected = marker.get("manifest_sha256")
+    if expected is None:
+        return
+    try:
+        actual, _ = sha256_of(join_url(folder_url, MANIFEST_NAME))
+    except FileNotFoundError as exc:
+        raise ModelIntegrityError(f"{MANIFEST_NAME} is missing from {folder_url}") from exc
+    if actual != expected:
+        raise ModelIntegrityError(
+            f"{MANIFEST_NAME} in {folder_url} does not match its sha256 recorded at publishing: "
+            "the manifest was altered after publishing (checksum mismatch)"
+        )
 
 
 def _verify_folder(folder_url: str) -> dict[str, Any]:

@@ -14,8 +14,10 @@ are recorded in the artifact so that incremental refits re-calibrate on the same
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,6 +163,23 @@ def config_identity(config: PadimConfig, weights_sha256: str) -> str:
     return json.dumps(identity, sort_keys=True)
 
 
+def relative_to_common(uris: Sequence[str]) -> Callable[[str], str]:
+    """Key of an image relative to the folder all the images share.
+
+    The held-out split then depends on the images' names inside the training folder, not on where
+    that folder lives: the same images copied elsewhere (or to S3) get the same split.
+
+    Args:
+        uris: The listed images.
+
+    Returns:
+        A function mapping a URI to its path below the common folder.
+    """
+    prefix = os.path.commonprefix(list(uris))  # noqa: RUF071 - URLs too; cut at the last "/" below
+    prefix = prefix[: prefix.rfind("/") + 1]
+    return lambda uri: uri[len(prefix) :]
+
+
 def plan_training(
     uris: Sequence[str], settings: TrainSettings, calibration_uris: Sequence[str] | None = None
 ) -> TrainingPlan:
@@ -183,7 +202,9 @@ def plan_training(
         fit, holdout = list(uris), list(calibration_uris)
     else:
         try:
-            split = split_holdout(list(uris), settings.holdout_fraction, settings.min_holdout, settings.seed)
+            split = split_holdout(
+                list(uris), settings.holdout_fraction, settings.min_holdout, settings.seed, key=relative_to_common(uris)
+            )
         except ValueError as exc:
             raise PadimError(f"only {len(uris)} normal images: {exc}") from exc
         fit, holdout = split.fit, split.holdout
@@ -330,6 +351,7 @@ def finalize_and_publish(
         reasons = "; ".join(f"{r.uri}: {r.error}" for r in failed[:3])
         raise PadimError(f"none of the {len(holdout)} held-out normal images could be scored ({reasons})")
     thresholds = calibrate_thresholds(scores, maps, image_fpr=settings.image_fpr, pixel_fpr=settings.pixel_fpr)
+    check_thresholds(thresholds.image, thresholds.pixel, len(scored))
     thresholds.method = "folder" if settings.calibration_url else "holdout"
     thresholds.normal_median = float(np.median(scores))
     model.thresholds = thresholds
@@ -348,6 +370,30 @@ def finalize_and_publish(
         pixel_threshold=model.thresholds.pixel,
         manifest=manifest,
     )
+
+
+def check_thresholds(image: float, pixel: float, n_images: int) -> None:
+    """Refuse to publish a model whose calibrated thresholds cannot separate anything.
+
+    Scores are distances (``>= 0``); a threshold of 0 means the held-out normal images scored
+    exactly like the training images, which happens when the normal images do not vary at all
+    (the same picture copied). Such a model would flag every image that differs in one pixel and
+    cannot write report rows (``normalized_score = score / threshold``).
+
+    Args:
+        image: Calibrated image threshold.
+        pixel: Calibrated pixel threshold.
+        n_images: Held-out images it was calibrated on.
+
+    Raises:
+        PadimError: If a threshold is not a positive finite number.
+    """
+    for name, value in (("image", image), ("pixel", pixel)):
+        if not math.isfinite(value) or value <= 0.0:
+            raise PadimError(
+                f"calibration on {n_images} held-out normal image(s) gave a {name} threshold of {value}: "
+                "the normal images do not vary (identical copies?); train on varied images of good parts"
+            )
 
 
 def same_projection(stored: EmbeddingProjector, drawn: EmbeddingProjector) -> bool:
