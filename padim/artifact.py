@@ -2,9 +2,11 @@
 
 A model version is one directory (any fsspec URL) holding:
 
-* ``model.safetensors`` - ``mean (P, d)``, ``factor (P, d, d)`` and the channel reduction
+* ``model.safetensors`` - ``mean (P, d)``, the lower-triangular whitening factor packed row by
+  row as ``factor_packed (P, d (d + 1) / 2)``, and the channel reduction
   (``channel_indices (d,)`` or ``projection (D, d)``);
-* ``statistics.safetensors`` - the raw accumulator (``n``, ``mean``, ``m2`` in float64), so that
+* ``statistics.safetensors`` - the raw accumulator (``n``, ``mean``, and the lower triangle of the
+  symmetric ``m2`` as ``m2_packed``, all float64), so that
   new normal images can be added later without re-extracting the old ones (optional);
 * ``training_images.json`` - ``{"fit": [[uri, sha256], ...], "calibration": [...]}``: the images
   in the statistics and the held-out images the thresholds were calibrated on;
@@ -36,9 +38,9 @@ import padim
 from padim.backbones import get_spec
 from padim.config import PadimConfig
 from padim.embedding import EmbeddingProjector
-from padim.errors import IncompatibleModelError, ModelIntegrityError, ModelNotFoundError
+from padim.errors import IncompatibleModelError, ModelIntegrityError, ModelNotFoundError, PadimError
 from padim.model import PadimModel, Thresholds, TrainingInfo, grid_size, resolve_channels
-from padim.statistics import GaussianAccumulator
+from padim.statistics import GaussianAccumulator, pack_lower, unpack_lower
 
 MODEL_FORMAT = "padim.model/1"
 MANIFEST = "manifest.json"
@@ -77,7 +79,7 @@ def _sha256_stream(handle: Any) -> tuple[str, int]:
 def _model_tensors(model: PadimModel) -> dict[str, torch.Tensor]:
     tensors = {
         "mean": model.mean.detach().float().cpu().contiguous(),
-        "factor": model.factor.detach().cpu().contiguous(),
+        "factor_packed": pack_lower(model.factor.detach().cpu()),
     }
     if model.projector.indices is not None:
         tensors["channel_indices"] = model.projector.indices.cpu().contiguous()
@@ -146,7 +148,7 @@ def save_model(model: PadimModel, url: str, keep_statistics: bool = True) -> dic
     fs.makedirs(root, exist_ok=True)
     payload: dict[str, dict[str, torch.Tensor] | bytes] = {MODEL_FILE: _model_tensors(model)}
     if keep_statistics and model.accumulator is not None:
-        payload[STATISTICS_FILE] = {k: v.cpu() for k, v in model.accumulator.state_dict().items()}
+        payload[STATISTICS_FILE] = {k: v.cpu() for k, v in model.accumulator.state_dict(packed=True).items()}
     images = {
         "fit": [list(pair) for pair in model.training.training_images],
         "calibration": [list(pair) for pair in model.training.calibration_images],
@@ -289,6 +291,11 @@ def load_model(url: str, device: str | torch.device = "cpu", with_statistics: bo
     d = resolve_channels(config, spec)
     h, w = grid_size(config, spec)
     mean, factor = tensors.get("mean"), tensors.get("factor")
+    if factor is None and "factor_packed" in tensors:
+        try:
+            factor = unpack_lower(tensors["factor_packed"], d)
+        except PadimError as exc:
+            raise IncompatibleModelError(f"model tensors do not match its configuration: {exc}") from exc
     if mean is None or factor is None or mean.shape != (h * w, d) or factor.shape != (h * w, d, d):
         raise IncompatibleModelError(
             f"model tensors do not match its configuration (expected mean ({h * w}, {d}))"
@@ -345,7 +352,7 @@ def save_statistics(accumulator: GaussianAccumulator, url: str, metadata: dict[s
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
     header = {"format": "padim.gaussian-accumulator/1", **(metadata or {})}
-    state = {k: v.cpu() for k, v in accumulator.state_dict().items()}
+    state = {k: v.cpu() for k, v in accumulator.state_dict(packed=True).items()}
     if _is_local(fs):
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".tmp-", suffix=".safetensors", delete=False) as tmp:
             temp_name = tmp.name

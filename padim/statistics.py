@@ -201,17 +201,22 @@ class GaussianAccumulator:
         covariance = self.covariance_block(0, self.num_positions, eps, shrinkage)
         return GaussianEstimate(mean=self.mean.clone(), covariance=covariance, n=self.n)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self, packed: bool = False) -> dict[str, torch.Tensor]:
         """Tensors that fully describe the accumulator (for safetensors).
 
+        Args:
+            packed: Store only the lower triangle of each symmetric ``M2`` (half the bytes).
+
         Returns:
-            ``{"n": (1,) int64, "mean": (P, d) float64, "m2": (P, d, d) float64}``.
+            ``{"n": (1,) int64, "mean": (P, d) float64, "m2": (P, d, d) float64}``, or with
+            ``"m2_packed": (P, d (d + 1) / 2)`` instead of ``"m2"`` when packed.
         """
-        return {
-            "n": torch.tensor([self.n], dtype=torch.int64),
-            "mean": self.mean.contiguous(),
-            "m2": self.m2.contiguous(),
-        }
+        state = {"n": torch.tensor([self.n], dtype=torch.int64), "mean": self.mean.contiguous()}
+        if packed:
+            state["m2_packed"] = pack_lower(self.m2)
+        else:
+            state["m2"] = self.m2.contiguous()
+        return state
 
     @classmethod
     def from_state_dict(
@@ -230,7 +235,11 @@ class GaussianAccumulator:
             PadimError: If tensors are missing or inconsistent.
         """
         try:
-            n, mean, m2 = state["n"], state["mean"], state["m2"]
+            n, mean = state["n"], state["mean"]
+            if "m2_packed" in state and mean.ndim == 2:
+                m2 = unpack_lower(state["m2_packed"], int(mean.shape[1]), symmetric=True)
+            else:
+                m2 = state["m2"]
         except KeyError as exc:
             raise PadimError(f"statistics file lacks tensor {exc}") from exc
         if mean.ndim != 2 or m2.shape != (mean.shape[0], mean.shape[1], mean.shape[1]) or n.numel() != 1:
@@ -288,3 +297,42 @@ def oas_shrink(covariance: torch.Tensor, n: int) -> torch.Tensor:
     shrunk = emp * (1.0 - shrink).view(-1, 1, 1)
     shrunk.diagonal(dim1=1, dim2=2).add_((shrink * mu).unsqueeze(1))
     return shrunk * (n / (n - 1))
+
+
+def pack_lower(matrices: torch.Tensor) -> torch.Tensor:
+    """The lower triangles (diagonal included) of a batch of square matrices, row by row.
+
+    Args:
+        matrices: Shape ``(P, d, d)``.
+
+    Returns:
+        Shape ``(P, d (d + 1) / 2)``, contiguous.
+    """
+    d = matrices.shape[-1]
+    rows, cols = torch.tril_indices(d, d, device=matrices.device)
+    return matrices[:, rows, cols].contiguous()
+
+
+def unpack_lower(packed: torch.Tensor, d: int, symmetric: bool = False) -> torch.Tensor:
+    """Rebuild square matrices from :func:`pack_lower` output.
+
+    Args:
+        packed: Shape ``(P, d (d + 1) / 2)``.
+        d: Matrix side.
+        symmetric: Mirror the lower triangle into the upper one (covariances); otherwise the
+            upper triangle is zero (Cholesky factors and their inverses).
+
+    Returns:
+        Shape ``(P, d, d)``.
+
+    Raises:
+        PadimError: If the packed length does not match ``d``.
+    """
+    if packed.ndim != 2 or packed.shape[1] != d * (d + 1) // 2:
+        raise PadimError(f"packed triangle of shape {tuple(packed.shape)} does not fit d = {d}")
+    rows, cols = torch.tril_indices(d, d, device=packed.device)
+    out = torch.zeros(packed.shape[0], d, d, dtype=packed.dtype, device=packed.device)
+    out[:, rows, cols] = packed
+    if symmetric:
+        out[:, cols, rows] = packed
+    return out

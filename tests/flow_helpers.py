@@ -124,11 +124,13 @@ def read_statistics(version_url: str) -> dict[str, torch.Tensor]:
 
     from padim.artifact import STATISTICS_FILE
     from padim.fsio import join_url, read_bytes
+    from padim.statistics import GaussianAccumulator
 
-    state = load(read_bytes(join_url(version_url, STATISTICS_FILE)))
-    if state["mean"].dtype != torch.float64 or state["m2"].dtype != torch.float64:
-        raise AssertionError(f"statistics of {version_url} are not float64: {state['mean'].dtype}")
-    return state
+    raw = load(read_bytes(join_url(version_url, STATISTICS_FILE)))
+    stored = raw.get("m2_packed", raw.get("m2"))
+    if raw["mean"].dtype != torch.float64 or stored is None or stored.dtype != torch.float64:
+        raise AssertionError(f"statistics of {version_url} are not float64: {raw['mean'].dtype}")
+    return GaussianAccumulator.from_state_dict(raw).state_dict()
 
 
 def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
