@@ -115,8 +115,6 @@ def build_config(
     values: dict[str, object] = {"backbone": backbone, "weights": weights, "channels": channels, **extra}
     if image_size is not None:
         values["image_size"] = image_size
-        if crop and crop_size is None:
-            values["crop_size"] = round(image_size * 0.875)  # the paper's 224 / 256
     if crop_size is not None:
         values["crop_size"] = crop_size
     if not crop:

