@@ -66,6 +66,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "oas": ("OAS shrinkage of each covariance, then + 0.01 I", {"covariance": "oas"}),
     "shorter_side": ("aspect-preserving resize (shorter side 256), crop 224", {"resize_mode": "shorter_side"}),
     "all_channels": ("all 176 channels", {"channel_selection": "all", "channels": None}),
+    "no_crop": (
+        "100 random channels, resize to 224 x 224 without crop (the whole image is inspected)",
+        {"image_size": 224, "crop_size": None},
+    ),
     "all_no_crop": (
         "all 176 channels, resize to 224 x 224 without crop (the whole image is inspected)",
         {"channel_selection": "all", "channels": None, "image_size": 224, "crop_size": None},

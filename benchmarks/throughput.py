@@ -13,7 +13,9 @@ ratios within a run do not):
   overlapping compute), as ratios to ``1 / (1/floor + 1/decode)``: decoding and the CNN share the
   same cores here, so that is the bound.
 
-The timed passes alternate (floor, fit, score) ``--repeats`` times and the best of each is kept.
+The timed passes alternate (floor, fit, score, then the two end-to-end passes) ``--repeats``
+times and the best of each is kept: the machines are shared, and the best run is the one least
+disturbed by other work.
 Each result is one JSON line; the last line is a summary.
 
     python benchmarks/throughput.py --data ../shared/datasets/magnetic_tile/train/good
@@ -92,12 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     emit({**tag, "bench": "decode", "images_per_s": decode_rate})
     extractor = fitter.extractor
     network = extractor.network
-    with torch.inference_mode():
-        network(extractor.pixel_scale * batches[0][:2].float() + extractor.pixel_shift)  # warm-up
 
     def floor(images: torch.Tensor) -> None:
+        # The backbone alone, run exactly as the fit and score passes run it (device-side
+        # normalisation, channels-last, CPU micro-batches), without the embedding and statistics.
         with torch.inference_mode():
-            network(images.float() * extractor.pixel_scale + extractor.pixel_shift)
+            for _ in extractor.tap(images):
+                pass
+
+    def floor_one_call(images: torch.Tensor) -> None:
+        # The same network on the whole batch in one call (what other implementations do).
+        with torch.inference_mode():
+            network(extractor.prepare(images))
+
+    floor(batches[0])  # warm-up
 
     def fit(images: torch.Tensor) -> None:
         fitter.update(images)
@@ -111,26 +121,32 @@ def main(argv: list[str] | None = None) -> int:
         maps = model.anomaly_maps_from_embeddings(model_extractor(images))
         summarise_batch(model, _records(len(images)), maps, "none")
 
-    best: dict[str, float] = {"floor": 0.0, "fit": 0.0, "score": 0.0}
+    best: dict[str, float] = {"floor": 0.0, "fit": 0.0, "score": 0.0, "floor_one_call": 0.0}
     for repeat in range(args.repeats):
-        for name, step in (("floor", floor), ("fit", fit), ("score", score)):
+        for name, step in (("floor", floor), ("fit", fit), ("score", score), ("floor_one_call", floor_one_call)):
             value = timed(step, batches)
             best[name] = max(best[name], value)
             emit({**tag, "bench": name, "repeat": repeat, "images_per_s": value})
     bound = 1.0 / (1.0 / best["floor"] + 1.0 / decode_rate)
-    start = time.perf_counter()
-    fit_images(uris, config, batch_size=args.batch_size, device="cpu")
-    fit_e2e = len(uris) / (time.perf_counter() - start)
-    emit({**tag, "bench": "fit_e2e", "images_per_s": fit_e2e})
-    start = time.perf_counter()
-    sum(1 for _ in score_images(model, uris, batch_size=args.batch_size, keep_maps="none"))
-    score_e2e = len(uris) / (time.perf_counter() - start)
-    emit({**tag, "bench": "score_e2e", "images_per_s": score_e2e})
+    fit_e2e = score_e2e = 0.0
+    for repeat in range(args.repeats):
+        start = time.perf_counter()
+        fit_images(uris, config, batch_size=args.batch_size, device="cpu")
+        value = len(uris) / (time.perf_counter() - start)
+        fit_e2e = max(fit_e2e, value)
+        emit({**tag, "bench": "fit_e2e", "repeat": repeat, "images_per_s": value})
+        start = time.perf_counter()
+        sum(1 for _ in score_images(model, uris, batch_size=args.batch_size, keep_maps="none"))
+        value = len(uris) / (time.perf_counter() - start)
+        score_e2e = max(score_e2e, value)
+        emit({**tag, "bench": "score_e2e", "repeat": repeat, "images_per_s": value})
     emit(
         {
             **tag,
             "bench": "summary",
             "floor_images_per_s": best["floor"],
+            "floor_one_call_images_per_s": best["floor_one_call"],
+            "micro_batch": extractor.micro_batch,
             "decode_images_per_s": decode_rate,
             "fit_images_per_s": best["fit"],
             "score_images_per_s": best["score"],

@@ -118,42 +118,81 @@ class EmbeddingProjector(nn.Module):
 
         Channels are selected per stage before upsampling (equal to selecting after the
         concatenation when the kept indices are strictly increasing, as drawn here, and cheaper).
+        The result is written once, channels last: every stage's selected channels are copied
+        (repeated by the integer upsampling factor, which is exactly nearest upsampling) into one
+        ``(B, H, W, d)`` buffer. That layout keeps each patch's vector contiguous, which is what
+        the statistics and the Mahalanobis step read.
 
         Args:
-            features: Tapped maps, shapes ``(B, C_i, H_i, W_i)``, the first at the finest stride.
+            features: Tapped maps, shapes ``(B, C_i, H_i, W_i)`` (any memory format), the first
+                at the finest stride.
 
         Returns:
-            Embedding of shape ``(B, d, H_0, W_0)``.
+            Embedding of shape ``(B, d, H_0, W_0)`` in channels-last memory format.
         """
         if len(features) != len(self.stage_channels):
             raise ValueError(f"expected {len(self.stage_channels)} feature maps, got {len(features)}")
-        size = features[0].shape[-2:]
-        parts = []
         for stage, feature in enumerate(features):
             if feature.shape[1] != self.stage_channels[stage]:
                 raise ValueError(
                     f"feature map {stage} has {feature.shape[1]} channels, expected {self.stage_channels[stage]}"
                 )
-            if self._per_stage:
-                chosen = self._per_stage[stage].to(feature.device)
-                if chosen.numel() == 0:
-                    continue
-                if chosen.numel() != feature.shape[1]:
-                    feature = feature.index_select(1, chosen)
-            if feature.shape[-2:] != size:
-                feature = F.interpolate(feature, size=size, mode="nearest")
-            parts.append(feature)
-        embedding = torch.cat(parts, dim=1)
+        first = features[0]
+        batch, (height, width) = first.shape[0], first.shape[-2:]
+        selections = [self._selection(stage, f.device) for stage, f in enumerate(features)]
+        total = sum(
+            f.shape[1] if sel is None else int(sel.numel()) for f, sel in zip(features, selections, strict=True)
+        )
+        out = torch.empty(batch, height, width, total, dtype=first.dtype, device=first.device)
+        offset = 0
+        for feature, chosen in zip(features, selections, strict=True):
+            if chosen is not None and chosen.numel() == 0:
+                continue
+            rows = feature.permute(0, 2, 3, 1)  # (B, H_i, W_i, C_i); a view for channels-last maps
+            if chosen is not None and chosen.numel() != feature.shape[1]:
+                rows = rows.index_select(3, chosen)
+            width_i = rows.shape[3]
+            _place_upsampled(out, rows, offset)
+            offset += width_i
         if self.indices is not None and not self._per_stage:
-            embedding = embedding.index_select(1, self.indices.to(embedding.device))
+            out = out.index_select(3, self.indices.to(out.device))
         if self.projection is not None:
-            embedding = torch.einsum("bchw,cd->bdhw", embedding, self.projection.to(embedding.dtype))
-        return embedding
+            out = torch.matmul(out, self.projection.to(device=out.device, dtype=out.dtype))
+        return out.permute(0, 3, 1, 2)
+
+    def _selection(self, stage: int, device: torch.device) -> torch.Tensor | None:
+        """Channels kept from one stage (``None``: all of them)."""
+        if not self._per_stage:
+            return None
+        return self._per_stage[stage].to(device)
 
 
-def build_projector(
-    stage_channels: tuple[int, ...], d: int, method: str, seed: int
-) -> EmbeddingProjector:
+def _place_upsampled(out: torch.Tensor, rows: torch.Tensor, offset: int) -> None:
+    """Copy ``rows`` ``(B, h, w, c)``, nearest-upsampled to ``out``'s grid, into channels ``offset:``.
+
+    An integer factor is a repeat (exactly nearest upsampling); other ratios use
+    :func:`torch.nn.functional.interpolate` with ``mode="nearest"``.
+
+    Args:
+        out: Buffer of shape ``(B, H, W, d)``.
+        rows: Stage features, shape ``(B, h, w, c)``.
+        offset: First channel of ``out`` to fill.
+    """
+    batch, height, width, total = out.shape
+    h, w, c = rows.shape[1], rows.shape[2], rows.shape[3]
+    target = out[..., offset : offset + c]
+    if (h, w) == (height, width):
+        target.copy_(rows)
+    elif height % h == 0 and width % w == 0:
+        kh, kw = height // h, width // w
+        grid = out.view(batch, h, kh, w, kw, total)[..., offset : offset + c]
+        grid.copy_(rows[:, :, None, :, None, :].expand(batch, h, kh, w, kw, c))
+    else:
+        upsampled = F.interpolate(rows.permute(0, 3, 1, 2), size=(height, width), mode="nearest")
+        target.copy_(upsampled.permute(0, 2, 3, 1))
+
+
+def build_projector(stage_channels: tuple[int, ...], d: int, method: str, seed: int) -> EmbeddingProjector:
     """Create the channel reduction of a new model.
 
     Args:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from padim.statistics import GaussianAccumulator
+from padim.statistics import GaussianAccumulator, patch_rows
 
 
 @contextmanager
@@ -102,7 +102,8 @@ def mahalanobis_distances(
         embeddings: Shape ``(B, d, H, W)`` or ``(B, d, P)``.
         mean: Per-position means, shape ``(P, d)``.
         factor: Whitening matrices ``L^{-1}``, shape ``(P, d, d)``.
-        chunk: Positions per matrix product (bounds temporary memory); ``None`` = all.
+        chunk: Positions per matrix product (bounds temporary memory); ``None`` picks blocks of
+            about 8 MB of temporaries, which also keeps them in the CPU caches.
 
     The vectors are centred in at least float32 and only then cast to ``factor``'s dtype: with a
     float16/bfloat16 factor, casting the raw embeddings first would round away most of
@@ -117,20 +118,21 @@ def mahalanobis_distances(
         ValueError: If the shapes are inconsistent.
     """
     spatial = embeddings.shape[2:]
-    flat = embeddings.flatten(2) if embeddings.ndim == 4 else embeddings
-    b, d, p = flat.shape
+    rows = patch_rows(embeddings)  # (B, P, d): a view of channels-last embeddings
+    b, p, d = rows.shape
     if mean.shape != (p, d) or factor.shape != (p, d, d):
         raise ValueError(
             f"embeddings (B, {d}, {p}) do not match mean {tuple(mean.shape)} and factor {tuple(factor.shape)}"
         )
     dtype = factor.dtype
     accumulate = torch.promote_types(dtype, torch.float32)
-    x = flat.permute(2, 1, 0)  # (P, d, B)
-    step = p if chunk is None else max(1, chunk)
-    out = torch.empty(p, b, dtype=accumulate, device=flat.device)
+    # Blocks of positions small enough for the CPU caches (about 8 MB of temporaries).
+    step = max(1, chunk if chunk is not None else (8 << 20) // (4 * d * max(b, 1)))
+    out = torch.empty(p, b, dtype=accumulate, device=rows.device)
     for start in range(0, p, step):
         stop = min(p, start + step)
-        centred = x[start:stop].to(accumulate) - mean[start:stop].to(accumulate).unsqueeze(2)
-        whitened = torch.bmm(factor[start:stop], centred.to(dtype))
-        out[start:stop] = whitened.to(accumulate).square().sum(dim=1).sqrt()
+        # (c, B, d) rows: whitening from the right, x W^T, keeps every vector contiguous.
+        centred = rows[:, start:stop].transpose(0, 1).to(accumulate) - mean[start:stop].to(accumulate).unsqueeze(1)
+        whitened = torch.bmm(centred.to(dtype), factor[start:stop].transpose(1, 2))
+        out[start:stop] = torch.linalg.vector_norm(whitened.to(accumulate), dim=2)
     return out.transpose(0, 1).reshape(b, *spatial)

@@ -28,6 +28,24 @@ from padim.errors import PadimError
 STATE_FORMAT = "padim.gaussian-accumulator/1"
 
 
+def patch_rows(embeddings: torch.Tensor) -> torch.Tensor:
+    """Embeddings as one row per image and patch position: ``(B, P, d)``.
+
+    A view (no copy) for channels-last ``(B, d, H, W)`` embeddings, as
+    :class:`padim.embedding.EmbeddingProjector` produces them; other layouts are copied.
+
+    Args:
+        embeddings: Shape ``(B, d, H, W)`` or ``(B, d, P)``.
+
+    Returns:
+        Shape ``(B, P, d)``.
+    """
+    if embeddings.ndim == 4:
+        b, d, h, w = embeddings.shape
+        return embeddings.permute(0, 2, 3, 1).reshape(b, h * w, d)
+    return embeddings.transpose(1, 2)
+
+
 def _position_chunk(num_positions: int, dim: int, batch: int, budget_bytes: int = 16 << 20) -> int:
     """Number of positions processed at once so that float64 temporaries stay within ``budget_bytes``."""
     per_position = 8 * dim * max(batch, 1)
@@ -70,13 +88,46 @@ class GaussianAccumulator:
         self.num_positions = num_positions
         self.dim = dim
         self.n = 0
-        self.mean = torch.zeros(num_positions, dim, dtype=torch.float64, device=device)
-        self.m2 = torch.zeros(num_positions, dim, dim, dtype=torch.float64, device=device)
+        self._shift = torch.zeros(num_positions, dim, dtype=torch.float64, device=device)
+        self._sum = torch.zeros(num_positions, dim, dtype=torch.float64, device=device)
+        self._comoment = torch.zeros(num_positions, dim, dim, dtype=torch.float64, device=device)
+        self._canonical = True
 
     @property
     def device(self) -> torch.device:
         """Device of the state tensors."""
-        return self.mean.device
+        return self._shift.device
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Per-position means, shape ``(P, d)``, float64."""
+        if self._canonical or self.n == 0:
+            return self._shift
+        return torch.add(self._shift, self._sum, alpha=1.0 / self.n)  # bit-identical to _canonicalize
+
+    @property
+    def m2(self) -> torch.Tensor:
+        """Per-position centred co-moments ``sum_k (x_k - mean)(x_k - mean)^T``, shape ``(P, d, d)``."""
+        self._canonicalize()
+        return self._comoment
+
+    def _canonicalize(self) -> None:
+        """Turn the shifted sums into (mean, M2): ``M2 = S - s s^T / n``, chunked over positions.
+
+        Between two canonicalisations every update centres on a fixed shift (the mean at the
+        last canonicalisation, or the first batch's mean), so a batch costs one matrix product per
+        position block and no rank-one correction of the whole ``(P, d, d)`` state.
+        """
+        if self._canonical:
+            return
+        if self.n:
+            chunk = _position_chunk(self.num_positions, self.dim, 1)
+            for start in range(0, self.num_positions, chunk):
+                s = self._sum[start : start + chunk]
+                self._comoment[start : start + chunk].baddbmm_(s.unsqueeze(2), s.unsqueeze(1), alpha=-1.0 / self.n)
+            self._shift.add_(self._sum, alpha=1.0 / self.n)
+        self._sum.zero_()
+        self._canonical = True
 
     def update(self, embeddings: torch.Tensor) -> None:
         """Fold a batch of embeddings into the statistics.
@@ -88,28 +139,32 @@ class GaussianAccumulator:
         Raises:
             ValueError: If the shape does not match ``d`` and ``P``, or values are not finite.
         """
-        flat = self._check_shape(embeddings).to(self.device)  # (B, d, P), caller's dtype
-        b = flat.shape[0]
+        rows = patch_rows(self._check_shape(embeddings)).to(self.device)  # (B, P, d), caller's dtype
+        b = rows.shape[0]
         if b == 0:
             return
-        if not torch.isfinite(flat).all():
+        # A NaN or an infinity anywhere makes the sum non-finite: one cheap reduction checks the
+        # batch before the state changes (an overflowing sum of finite values is re-checked).
+        if not bool(torch.isfinite(rows.sum())) and not bool(torch.isfinite(rows).all()):
             raise ValueError("embeddings contain NaN or infinite values")
-        batch_mean = flat.mean(dim=0, dtype=torch.float64).transpose(0, 1)  # (P, d)
-        n_a, n = self.n, self.n + b
-        delta = batch_mean - self.mean
-        # Convert and centre one block of positions at a time: the float64 copy of the whole
-        # batch never exists, which keeps the fit's peak memory flat and small.
+        first = self.n == 0
+        # Convert, centre and fold in one block of positions at a time: the float64 copy of the
+        # batch never exists, which keeps the fit's peak memory flat and small. Vectors are
+        # centred on a fixed shift (the first batch's mean), the shifted-data form of the
+        # update: numerically as good as the pairwise update when the shift is near the mean, and
+        # it needs no per-batch correction of the whole state (see :meth:`_canonicalize`).
         chunk = _position_chunk(self.num_positions, self.dim, b)
         for start in range(0, self.num_positions, chunk):
             stop = start + chunk
-            block = flat[:, :, start:stop].to(torch.float64).permute(2, 1, 0).contiguous()  # (c, d, B)
-            block.sub_(batch_mean[start:stop].unsqueeze(2))
-            self.m2[start:stop].baddbmm_(block, block.transpose(1, 2))
-            if n_a:
-                d = delta[start:stop]
-                self.m2[start:stop].baddbmm_(d.unsqueeze(2), d.unsqueeze(1), alpha=n_a * b / n)
-        self.mean.add_(delta, alpha=b / n)
-        self.n = n
+            source = rows[:, start:stop].permute(1, 2, 0)  # (c, d, B) view of the caller's tensor
+            block = torch.empty(source.shape, dtype=torch.float64, device=self.device)
+            if first:
+                self._shift[start:stop] = source.mean(dim=2, dtype=torch.float64)
+            torch.sub(source, self._shift[start:stop].unsqueeze(2), out=block)  # promote, shift: one pass
+            self._sum[start:stop].add_(block.sum(dim=2))
+            self._comoment[start:stop].baddbmm_(block, block.transpose(1, 2))
+        self.n += b
+        self._canonical = False
 
     def merge(self, other: GaussianAccumulator) -> GaussianAccumulator:
         """Fold another accumulator (same ``P`` and ``d``) into this one, in place.
@@ -130,19 +185,20 @@ class GaussianAccumulator:
             )
         if other.n == 0:
             return self
+        self._canonicalize()
         other_mean = other.mean.to(self.device)
         other_m2 = other.m2.to(self.device)
         n_a, n_b = self.n, other.n
         n = n_a + n_b
-        delta = other_mean - self.mean
+        delta = other_mean - self._shift
         chunk = _position_chunk(self.num_positions, self.dim, 1)
         for start in range(0, self.num_positions, chunk):
             stop = start + chunk
-            self.m2[start:stop].add_(other_m2[start:stop])
+            self._comoment[start:stop].add_(other_m2[start:stop])
             if n_a:
                 d = delta[start:stop]
-                self.m2[start:stop].baddbmm_(d.unsqueeze(2), d.unsqueeze(1), alpha=n_a * n_b / n)
-        self.mean.add_(delta, alpha=n_b / n)
+                self._comoment[start:stop].baddbmm_(d.unsqueeze(2), d.unsqueeze(1), alpha=n_a * n_b / n)
+        self._shift.add_(delta, alpha=n_b / n)
         self.n = n
         return self
 
@@ -211,6 +267,7 @@ class GaussianAccumulator:
             ``{"n": (1,) int64, "mean": (P, d) float64, "m2": (P, d, d) float64}``, or with
             ``"m2_packed": (P, d (d + 1) / 2)`` instead of ``"m2"`` when packed.
         """
+        self._canonicalize()
         state = {"n": torch.tensor([self.n], dtype=torch.int64), "mean": self.mean.contiguous()}
         if packed:
             state["m2_packed"] = pack_lower(self.m2)
@@ -219,9 +276,7 @@ class GaussianAccumulator:
         return state
 
     @classmethod
-    def from_state_dict(
-        cls, state: dict[str, torch.Tensor], device: str | torch.device = "cpu"
-    ) -> GaussianAccumulator:
+    def from_state_dict(cls, state: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> GaussianAccumulator:
         """Rebuild an accumulator saved with :meth:`state_dict`.
 
         Args:
@@ -249,15 +304,16 @@ class GaussianAccumulator:
         accumulator = cls.__new__(cls)
         accumulator.num_positions, accumulator.dim = int(mean.shape[0]), int(mean.shape[1])
         accumulator.n = int(n.item())
-        accumulator.mean = mean.to(device=device, dtype=torch.float64)
-        accumulator.m2 = m2.to(device=device, dtype=torch.float64)
+        accumulator._shift = mean.to(device=device, dtype=torch.float64)
+        accumulator._sum = torch.zeros_like(accumulator._shift)
+        accumulator._comoment = m2.to(device=device, dtype=torch.float64)
+        accumulator._canonical = True
         return accumulator
 
     def _check_shape(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Embeddings as ``(B, d, P)`` (a view), after checking ``d`` and ``P``."""
-        if embeddings.ndim == 4:
-            embeddings = embeddings.flatten(2)
-        if embeddings.ndim != 3 or embeddings.shape[1] != self.dim or embeddings.shape[2] != self.num_positions:
+        """The embeddings, after checking ``d`` and ``P``."""
+        p = embeddings.shape[2] * embeddings.shape[3] if embeddings.ndim == 4 else embeddings.shape[-1]
+        if embeddings.ndim not in (3, 4) or embeddings.shape[1] != self.dim or p != self.num_positions:
             raise ValueError(
                 f"expected embeddings of shape (B, {self.dim}, {self.num_positions}) or (B, {self.dim}, H, W), "
                 f"got {tuple(embeddings.shape)}"
@@ -266,9 +322,7 @@ class GaussianAccumulator:
 
     def _check_count(self, ddof: int) -> None:
         if self.n <= ddof:
-            raise PadimError(
-                f"need at least {ddof + 1} training images to estimate a covariance, got {self.n}"
-            )
+            raise PadimError(f"need at least {ddof + 1} training images to estimate a covariance, got {self.n}")
 
 
 def oas_shrink(covariance: torch.Tensor, n: int) -> torch.Tensor:

@@ -233,7 +233,10 @@ def train(
             min=32,
             max=2048,
             metavar="N",
-            help="Centre-crop side after resizing (default: no crop, the whole image is inspected; the PaDiM paper uses --image-size 256 --crop 224).",
+            help=(
+                "Centre-crop side after resizing (default: no crop, the whole image is inspected;"
+                " the PaDiM paper uses --image-size 256 --crop 224)."
+            ),
             show_default=False,
         ),
     ] = None,

@@ -115,3 +115,14 @@ def test_blur_wider_than_the_input_is_a_config_error() -> None:
     with pytest.raises(ValueError, match="blur_sigma"):
         PadimConfig(image_size=32, crop_size=32, blur_sigma=8.0)
     assert PadimConfig(image_size=64, crop_size=64, blur_sigma=8.0).blur_sigma == 8.0
+
+
+@pytest.mark.parametrize(("grid", "output", "sigma"), [((56, 56), 224, 4.0), ((13, 21), 96, 2.5), ((7, 7), 32, 0.0)])
+def test_separable_operator_equals_the_step_by_step_maps(grid: tuple[int, int], output: int, sigma: float) -> None:
+    # The fast path (one matrix per axis) against interpolation followed by the two blur passes.
+    generator = AnomalyMapGenerator(output_size=output, sigma=sigma)
+    distances = torch.rand(3, *grid, generator=torch.Generator().manual_seed(2)) * 10.0
+    fast = generator(distances)
+    reference = generator.reference(distances)
+    assert fast.shape == reference.shape == (3, output, output)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)

@@ -104,7 +104,8 @@ def test_truncated_network_equals_timm_features_only(lite0: Backbone, lite0_raw_
     assert len(ours) == len(theirs) == 3
     for a, b in zip(ours, theirs, strict=True):
         assert a.shape == b.shape
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        # Ours runs channels-last (other convolution kernels, other summation order): float32 noise.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_lite0_tap_shapes_at_224(lite0: Backbone) -> None:

@@ -187,8 +187,9 @@ def test_memory_is_independent_of_the_number_of_images() -> None:
     large = accumulate(make_data(n=120, seed=3), 50)
     assert _state_numel(small) == _state_numel(large)
     assert _state_numel(large)["state.m2"] == P * D * D
-    # n (1) + mean + m2, once in the state dict and once as attributes (n is a plain int there).
-    assert sum(_state_numel(large).values()) == 1 + 2 * (P * D + P * D * D)
+    # The state dict: n (1) + mean + m2. The attributes (n is a plain int there): the shift and
+    # the shifted sum (P x d each) and the co-moment (P x d x d).
+    assert sum(_state_numel(large).values()) == (1 + P * D + P * D * D) + (2 * P * D + P * D * D)
 
 
 def test_finalize_adds_eps_on_the_diagonal_exactly_once() -> None:

@@ -57,6 +57,8 @@ class BackboneSpec:
         default_channels: The paper's ``d`` for this backbone.
         mean: Per-channel normalisation mean (RGB).
         std: Per-channel normalisation standard deviation (RGB).
+        cpu_micro_batch: Images per network call on a CPU (measured fastest on 2 cores, see
+            BENCHMARKS.md; also bounds the activation memory of a batch).
     """
 
     name: str
@@ -66,6 +68,7 @@ class BackboneSpec:
     default_channels: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    cpu_micro_batch: int = 8
 
     @property
     def total_channels(self) -> int:
@@ -85,6 +88,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         default_channels=176,
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
+        cpu_micro_batch=4,
     ),
     "resnet18": BackboneSpec(
         name="resnet18",
@@ -225,8 +229,7 @@ def load_backbone(name: str, weights: str | None = None, device: str | torch.dev
     network, digest, source = _build_network(spec, weights)
     network.eval().requires_grad_(False)
     network.to(device)
-    if torch.device(device).type == "cuda":
-        network.to(memory_format=torch.channels_last)
+    network.to(memory_format=torch.channels_last)
     return Backbone(spec=spec, network=network, weights_sha256=digest, weights_source=source)
 
 
