@@ -5,7 +5,7 @@ rest, scores the held-out images with that model, and sets the thresholds at a t
 false-positive rate on them (:func:`calibrate_thresholds`). The held-out images are then merged
 into the final statistics (accumulators merge exactly), so no training data is lost; the
 measurements behind that choice and behind the default pixel target are in
-``docs/benchmarks-accuracy.md``.
+``BENCHMARKS.md``.
 
 Threshold rule (:func:`threshold_at_fpr`): an image (pixel) is anomalous when its score is
 **strictly greater** than the threshold. The threshold is the smallest value whose false-positive
@@ -45,7 +45,7 @@ DEFAULT_IMAGE_FPR = 0.01
 DEFAULT_PIXEL_FPR = 0.001
 """Target pixel false-positive rate (0.1% of normal pixels above the pixel threshold).
 
-Chosen by measurement (``docs/benchmarks-accuracy.md``): at 0.1% the pixel F1 of the calibrated
+Chosen by measurement (``BENCHMARKS.md``): at 0.1% the pixel F1 of the calibrated
 threshold is within 0.01-0.04 of the oracle F1-max on bottle and magnetic tile; 1% outlines far too
 much (bottle precision 0.27-0.41) and 0.01% misses most of each defect (recall 0.11-0.41).
 """
