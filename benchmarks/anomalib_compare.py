@@ -53,7 +53,9 @@ def run_padim(data: Path, batch: int, workers: int) -> dict[str, Any]:
     from padim.model import build_model
     from padim.pipeline import fit_images, score_images
 
-    config = PadimConfig()  # the default: EfficientNet-Lite0, d = 100, 256 -> 224
+    # anomalib's protocol (not our defaults, which keep all 176 channels and skip the crop):
+    # EfficientNet-Lite0, d = 100 random channels, resize 256, centre-crop 224.
+    config = PadimConfig(channels=100, image_size=256, crop_size=224)
     train = list_images(str(data / "train" / "good"))
     test = list_images(str(data / "test"))
     start = time.perf_counter()

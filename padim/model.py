@@ -20,7 +20,7 @@ from padim.embedding import EmbeddingProjector, build_projector
 from padim.features import FeatureExtractor
 from padim.mahalanobis import mahalanobis_distances, whitening_from_accumulator
 from padim.preprocessing import Preprocessor
-from padim.statistics import GaussianAccumulator
+from padim.statistics import GaussianAccumulator, UpdateBuffer
 
 
 def resolve_channels(config: PadimConfig, spec: BackboneSpec) -> int:
@@ -203,7 +203,18 @@ class PadimFitter:
                 f"existing statistics have P={accumulator.num_positions}, d={accumulator.dim}; "
                 f"this configuration needs P={h * w}, d={dim}"
             )
-        self.accumulator = accumulator
+        self._accumulator = accumulator
+        self._buffer = UpdateBuffer(accumulator)
+
+    @property
+    def accumulator(self) -> GaussianAccumulator:
+        """The statistics, with every image passed to :meth:`update` folded in."""
+        self._buffer.flush()
+        return self._accumulator
+
+    def flush(self) -> None:
+        """Fold the images held by :meth:`update` into the statistics and free the buffer."""
+        self._buffer.release()
 
     def preprocessor(self, normalize: bool = True) -> Preprocessor:
         """Image transform matching this configuration and backbone (``normalize=False``: uint8)."""
@@ -223,6 +234,9 @@ class PadimFitter:
     def update(self, images: torch.Tensor) -> torch.Tensor:
         """Embed a batch and fold it into the statistics.
 
+        Embeddings are collected and folded in ~128 images at a time (:class:`UpdateBuffer`);
+        reading :attr:`accumulator` or calling :meth:`flush` folds in what is held.
+
         Args:
             images: Shape ``(B, 3, S, S)``.
 
@@ -230,7 +244,7 @@ class PadimFitter:
             The batch's embeddings, shape ``(B, d, S/4, S/4)`` (for calibration reuse).
         """
         embeddings = self.embed(images)
-        self.accumulator.update(embeddings)
+        self._buffer.add(embeddings)
         return embeddings
 
 

@@ -107,6 +107,7 @@ def fit_images(
                 fitter.update(batch.images)
                 result.fitted.extend(batch.records)
             bar.advance(len(batch.records) + len(batch.failed))
+    fitter.flush()
     result.seconds = time.perf_counter() - start
     return result
 

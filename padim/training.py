@@ -253,6 +253,7 @@ def fit_shard(
                 fitter.update(images)
                 outcome.fitted.extend((batch.records[i].uri, batch.records[i].sha256 or "") for i in keep)
             bar.advance(len(batch.records) + len(batch.failed))
+    fitter.flush()
     outcome.n_images = fitter.accumulator.n
     if outcome.n_images:
         identity = config_identity(config, fitter.backbone.weights_sha256)

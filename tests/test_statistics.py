@@ -17,7 +17,7 @@ from sklearn.covariance import OAS, oas
 
 from padim.errors import PadimError
 from padim.mahalanobis import whitening_from_accumulator
-from padim.statistics import GaussianAccumulator, oas_shrink
+from padim.statistics import GaussianAccumulator, UpdateBuffer, oas_shrink
 
 P_SIDE = 3  # 3 x 3 grid -> 9 positions
 P = P_SIDE * P_SIDE
@@ -272,3 +272,33 @@ def test_wrong_shape_is_rejected() -> None:
         acc.update(torch.zeros(2, D + 1, P_SIDE, P_SIDE))
     with pytest.raises(ValueError, match="expected embeddings of shape"):
         acc.update(torch.zeros(2, D, P_SIDE, P_SIDE + 1))
+
+
+@pytest.mark.parametrize(
+    ("batch", "budget_images"),
+    [(4, 10), (7, 10), (10, 10), (3, 40), (12, 5)],  # partial fills, exact fills, buffer bigger than all, too small
+)
+def test_update_buffer_gives_numpy_statistics(batch: int, budget_images: int) -> None:
+    data = make_data()
+    per_image = P * D * 8  # float64 rows
+    acc = GaussianAccumulator(P, D)
+    buffer = UpdateBuffer(acc, budget_bytes=budget_images * per_image)
+    folded = []
+    for start in range(0, N, batch):
+        buffer.add(torch.from_numpy(data[start : start + batch]))
+        folded.append(acc.n)
+        assert acc.n + buffer.pending == min(start + batch, N)  # nothing lost, nothing counted twice
+    if budget_images > batch:
+        assert min(folded) < N  # images really were held back (the buffer was in use)
+    buffer.flush()
+    assert acc.n == N and buffer.pending == 0
+    means, covs = numpy_reference(data)
+    assert rel_err(acc.mean.numpy(), means) < RTOL
+    assert rel_err(acc.covariance().numpy(), covs) < RTOL
+
+
+def test_update_buffer_validates_before_holding() -> None:
+    buffer = UpdateBuffer(GaussianAccumulator(P, D))
+    with pytest.raises(ValueError):
+        buffer.add(torch.zeros(2, D + 1, P_SIDE, P_SIDE))
+    assert buffer.pending == 0
