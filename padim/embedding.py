@@ -113,6 +113,19 @@ class EmbeddingProjector(nn.Module):
             return int(self.projection.shape[1])
         return sum(self.stage_channels)
 
+    def stage_counts(self) -> tuple[int, ...] | None:
+        """Kept channels of each stage, in output order, when the output is grouped by stage.
+
+        ``None`` for a projection (channels are mixed) or an unsorted index list.
+        """
+        if self.projection is not None:
+            return None
+        if self.indices is None:
+            return self.stage_channels
+        if not self._per_stage:
+            return None
+        return tuple(int(chosen.numel()) for chosen in self._per_stage)
+
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Build the embedding.
 

@@ -20,7 +20,7 @@ from padim.embedding import EmbeddingProjector, build_projector
 from padim.features import FeatureExtractor
 from padim.mahalanobis import mahalanobis_distances, whitening_from_accumulator
 from padim.preprocessing import Preprocessor
-from padim.statistics import GaussianAccumulator, UpdateBuffer
+from padim.statistics import GaussianAccumulator, SharedBlocks, UpdateBuffer
 
 
 def resolve_channels(config: PadimConfig, spec: BackboneSpec) -> int:
@@ -167,6 +167,31 @@ class TrainingInfo:
     calibration_images: list[tuple[str, str]] = field(default_factory=list)
 
 
+def shared_blocks(projector: EmbeddingProjector, spec: BackboneSpec, grid: tuple[int, int]) -> SharedBlocks | None:
+    """The channel groups that nearest upsampling repeats over grid cells, if the layout has them.
+
+    Channel selection keeps the stages in order, and a stage of stride ``s`` repeats over
+    ``s / stride_0``-sided cells when the grid divides evenly; a projection mixes channels
+    (``None``). :class:`padim.statistics.UpdateBuffer` still checks the structure on real data.
+
+    Args:
+        projector: The embedding's channel reduction.
+        spec: The backbone's taps.
+        grid: ``(H, W)`` of the patch grid.
+
+    Returns:
+        The structure, or ``None`` when there is none to exploit.
+    """
+    counts = projector.stage_counts()
+    if counts is None or len(counts) != len(spec.strides) or any(s % spec.strides[0] for s in spec.strides):
+        return None
+    groups = tuple((c, s // spec.strides[0]) for c, s in zip(counts, spec.strides, strict=True) if c > 0)
+    try:
+        return SharedBlocks(grid, groups)
+    except ValueError:
+        return None
+
+
 class PadimFitter:
     """Accumulate the statistics of normal images for one configuration.
 
@@ -204,7 +229,7 @@ class PadimFitter:
                 f"this configuration needs P={h * w}, d={dim}"
             )
         self._accumulator = accumulator
-        self._buffer = UpdateBuffer(accumulator)
+        self._buffer = UpdateBuffer(accumulator, blocks=shared_blocks(self.projector, self.spec, (h, w)))
 
     @property
     def accumulator(self) -> GaussianAccumulator:

@@ -301,3 +301,17 @@ def test_partial_statistics_errors(tmp_path: Path) -> None:
     save_file({"n": torch.tensor([1]), "mean": torch.zeros(1, 1), "m2": torch.zeros(1, 1, 1)}, str(foreign))
     with pytest.raises(ModelIntegrityError, match="not a padim statistics file"):
         load_statistics(str(foreign))
+
+
+def test_fitter_cell_statistics_equal_the_plain_update(batch_a: torch.Tensor, batch_b: torch.Tensor) -> None:
+    fitter = PadimFitter(CONFIG)
+    assert fitter._buffer.blocks is not None  # ResNet18 at 32 px: grid 8 x 8, cells of 1, 2 and 4
+    plain = GaussianAccumulator(fitter.accumulator.num_positions, fitter.accumulator.dim)
+    for batch in (batch_a, batch_b):
+        plain.update(fitter.update(batch))
+    fitted = fitter.accumulator
+    assert fitter._buffer.blocks is not None  # the structure held on the real embeddings
+    assert fitted.n == plain.n == 11
+    torch.testing.assert_close(fitted.mean, plain.mean, rtol=1e-12, atol=1e-12)
+    scale = float(plain.m2.abs().max())
+    torch.testing.assert_close(fitted.m2, plain.m2, rtol=0, atol=1e-12 * scale)
