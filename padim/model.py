@@ -229,7 +229,10 @@ class PadimFitter:
                 f"this configuration needs P={h * w}, d={dim}"
             )
         self._accumulator = accumulator
-        self._buffer = UpdateBuffer(accumulator, blocks=shared_blocks(self.projector, self.spec, (h, w)))
+        # Per-cell statistics pay on the CPU (a fifth of the products); on a GPU the plain batched
+        # product is faster (H200, ResNet18: 21,300 against 18,000 images/s, BENCHMARKS.md).
+        blocks = shared_blocks(self.projector, self.spec, (h, w)) if self.device.type == "cpu" else None
+        self._buffer = UpdateBuffer(accumulator, blocks=blocks)
 
     @property
     def accumulator(self) -> GaussianAccumulator:
