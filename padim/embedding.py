@@ -164,9 +164,8 @@ class EmbeddingProjector(nn.Module):
             rows = feature.permute(0, 2, 3, 1)  # (B, H_i, W_i, C_i); a view for channels-last maps
             if chosen is not None and chosen.numel() != feature.shape[1]:
                 rows = rows.index_select(3, chosen)
-            width_i = rows.shape[3]
             _place_upsampled(out, rows, offset)
-            offset += width_i
+            offset += rows.shape[3]
         if self.indices is not None and not self._per_stage:
             out = out.index_select(3, self.indices.to(out.device))
         if self.projection is not None:

@@ -20,6 +20,7 @@ positions to bound temporary memory for large ``d`` (WideResNet50, ``d = 550``).
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,15 +54,29 @@ def _position_chunk(num_positions: int, dim: int, batch: int, budget_bytes: int 
     return max(1, min(num_positions, budget_bytes // max(per_position, 1)))
 
 
+def _check_finite(rows: torch.Tensor) -> None:
+    """Refuse a batch with a NaN or an infinity (one cheap reduction for the usual finite batch).
+
+    A non-finite value anywhere makes the sum non-finite; an overflowing sum of finite values is
+    re-checked element by element.
+    """
+    if not bool(torch.isfinite(rows.sum())) and not bool(torch.isfinite(rows).all()):
+        raise ValueError("embeddings contain NaN or infinite values")
+
+
+def _fill_mean(out: torch.Tensor, rows: torch.Tensor, chunk: int) -> None:
+    """``out`` ``(P, d)`` = the float64 mean of ``rows`` ``(B, P, d)``, a block of positions at a time."""
+    for start in range(0, rows.shape[1], chunk):
+        out[start : start + chunk] = rows[:, start : start + chunk].mean(dim=0, dtype=torch.float64)
+
+
 def _scratch(owner: object, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """A float64 work array of ``shape`` kept on ``owner`` between calls.
 
     Allocating the conversion block afresh for every chunk costs more than the arithmetic: an
     allocation of this size is mapped from the OS and page-faulted in on first write each time.
     """
-    size = 1
-    for n in shape:
-        size *= n
+    size = math.prod(shape)
     cached = getattr(owner, "_scratch_buffer", None)
     if cached is None or cached.numel() < size or cached.device != device:
         cached = torch.empty(size, dtype=torch.float64, device=device)
@@ -160,23 +175,19 @@ class GaussianAccumulator:
         b = rows.shape[0]
         if b == 0:
             return
-        # A NaN or an infinity anywhere makes the sum non-finite: one cheap reduction checks the
-        # batch before the state changes (an overflowing sum of finite values is re-checked).
-        if not bool(torch.isfinite(rows.sum())) and not bool(torch.isfinite(rows).all()):
-            raise ValueError("embeddings contain NaN or infinite values")
-        first = self.n == 0
+        _check_finite(rows)  # before the state changes
         # Convert, centre and fold in one block of positions at a time: the float64 copy of the
         # batch never exists, which keeps the fit's peak memory flat and small. Vectors are
         # centred on a fixed shift (the first batch's mean), the shifted-data form of the
         # update: numerically as good as the pairwise update when the shift is near the mean, and
         # it needs no per-batch correction of the whole state (see :meth:`_canonicalize`).
         chunk = _position_chunk(self.num_positions, self.dim, b)
+        if self.n == 0:
+            _fill_mean(self._shift, rows, chunk)
         for start in range(0, self.num_positions, chunk):
             stop = start + chunk
             source = rows[:, start:stop].permute(1, 2, 0)  # (c, d, B) view of the caller's tensor
             block = _scratch(self, tuple(source.shape), self.device)
-            if first:
-                self._shift[start:stop] = source.mean(dim=2, dtype=torch.float64)
             torch.sub(source, self._shift[start:stop].unsqueeze(2), out=block)  # promote, shift: one pass
             self._sum[start:stop].add_(block.sum(dim=2))
             self._comoment[start:stop].baddbmm_(block, block.transpose(1, 2))
@@ -552,8 +563,7 @@ class CellStatistics:
         b = rows.shape[0]
         if b == 0:
             return
-        if not bool(torch.isfinite(rows.sum())) and not bool(torch.isfinite(rows).all()):
-            raise ValueError("embeddings contain NaN or infinite values")
+        _check_finite(rows)
         rows = rows.to(acc.device)
         if self.n == 0:
             self._start(rows)
@@ -629,9 +639,7 @@ class CellStatistics:
             self._shift = acc._shift.clone()
         else:  # the first batch's mean, a block of positions at a time (no float64 copy of the batch)
             self._shift = torch.empty(acc.num_positions, acc.dim, dtype=torch.float64, device=acc.device)
-            chunk = _position_chunk(acc.num_positions, acc.dim, rows.shape[0])
-            for start in range(0, acc.num_positions, chunk):
-                self._shift[start : start + chunk] = rows[:, start : start + chunk].mean(dim=0, dtype=torch.float64)
+            _fill_mean(self._shift, rows, _position_chunk(acc.num_positions, acc.dim, rows.shape[0]))
         self._base_n = acc.n
         h, w = self.blocks.grid
         d = acc.dim
