@@ -117,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     # A model to score with: fit once on all batches.
     timed(fit, batches, fitter.flush)
     model = build_model(fitter)
-    model_extractor = model.extractor()
+    model.extractor()
 
     def score(images: torch.Tensor) -> None:
-        maps = model.anomaly_maps_from_embeddings(model_extractor(images))
+        maps = model.anomaly_maps(images)
         summarise_batch(model, _records(len(images)), maps, "none")
 
     best: dict[str, float] = {"floor": 0.0, "fit": 0.0, "score": 0.0, "floor_one_call": 0.0}

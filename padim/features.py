@@ -34,6 +34,7 @@ class FeatureExtractor(nn.Module):
         # (x / 255 - mean) / std == x * scale + shift, for uint8 input normalised on the device.
         self.register_buffer("pixel_scale", 1.0 / (255.0 * std), persistent=False)
         self.register_buffer("pixel_shift", -mean / std, persistent=False)
+        self._stage_cache: list[torch.Tensor] = []
 
     @property
     def device(self) -> torch.device:
@@ -85,6 +86,69 @@ class FeatureExtractor(nn.Module):
                 yield [f.float() for f in features]
             else:
                 yield self.network(chunk)
+
+    @torch.inference_mode()
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The tapped maps of a whole batch (the micro-batches concatenated).
+
+        Args:
+            images: Shape ``(B, 3, S, S)``, ``uint8`` pixels or normalised floats, any device.
+
+        Returns:
+            Float32 maps ``(B, C_i, H_i, W_i)`` of every tap, shallow first, on the backbone's device.
+        """
+        parts = list(self.tap(images))
+        if len(parts) == 1:
+            return list(parts[0])
+        return [torch.cat(column) for column in zip(*parts, strict=True)]
+
+    @torch.inference_mode()
+    def stage_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The embedding's channels of each stage for a whole batch, at each stage's resolution.
+
+        What the upsampled embedding is made of, without the upsampling: each micro-batch's
+        selected channels are written into buffers kept between calls (a batch's maps are about
+        8 MB at d = 100; allocating them afresh every batch costs page faults).
+
+        Args:
+            images: Shape ``(B, 3, S, S)``, ``uint8`` pixels or normalised floats, any device.
+
+        Returns:
+            Float32 maps ``(B, c_i, H_i, W_i)`` (channels-last), one per stage with kept channels,
+            on the backbone's device. They are overwritten by the next call: use them before.
+
+        Raises:
+            ValueError: If the projector mixes the stages (a projection).
+        """
+        batch = images.shape[0]
+        start = 0
+        maps: list[torch.Tensor] = []
+        for features in self.tap(images):
+            n = features[0].shape[0]
+            if not maps:
+                counts = self.projector.stage_counts()
+                if counts is None:
+                    raise ValueError("this channel reduction mixes the stages; use the embedding")
+                kept = [(f.shape[2], f.shape[3], c) for f, c in zip(features, counts, strict=True) if c > 0]
+                maps = self._stage_buffers(batch, kept, features[0].device)
+            views = [m[start : start + n] for m in maps]
+            self.projector.select_stages(features, out=views)
+            start += n
+        return [m[:batch].permute(0, 3, 1, 2) for m in maps]
+
+    def _stage_buffers(
+        self, batch: int, shapes: list[tuple[int, int, int]], device: torch.device
+    ) -> list[torch.Tensor]:
+        """Buffers ``(>= batch, H_i, W_i, c_i)`` for :meth:`stage_maps`, reused while they fit."""
+        cached = self._stage_cache
+        fits = len(cached) == len(shapes) and all(
+            b.shape[0] >= batch and tuple(b.shape[1:]) == s and b.device == device
+            for b, s in zip(cached, shapes, strict=True)
+        )
+        if not fits:
+            cached = [torch.empty(batch, *shape, dtype=torch.float32, device=device) for shape in shapes]
+            self._stage_cache = cached
+        return cached
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,10 @@ squared distances through rounding). Whitening and the explicit inverse cost the
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -93,15 +95,123 @@ def whitening_from_accumulator(
     return factor
 
 
+TRIANGLE_BLOCK = 32
+"""Rows of the whitening factor per product when its zero upper triangle is skipped."""
+
+
+@dataclass(frozen=True)
+class TriangleBlocks:
+    """A lower-triangular factor cut into row blocks, each without its zero columns.
+
+    Row block ``a:b`` of ``W`` only has non-zero columns ``:b``; with ``k`` blocks the products
+    need ``(k + 1) / (2k)`` of the full product's arithmetic (two thirds at d = 100), and each
+    block is small enough for the core's cache. Each block is stored transposed and contiguous,
+    ``W[:, a:b, :b]^T`` of shape ``(P, b, b - a)``, ready to multiply row vectors from the right.
+
+    Attributes:
+        rows: ``(a, b)`` row range of each block, covering ``0:d`` in order.
+        blocks: The transposed blocks, shapes ``(P, b, b - a)``.
+    """
+
+    rows: tuple[tuple[int, int], ...]
+    blocks: tuple[torch.Tensor, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the blocks."""
+        return sum(block.numel() * block.element_size() for block in self.blocks)
+
+    def positions(self, start: int, stop: int) -> TriangleBlocks:
+        """The blocks of positions ``start:stop`` (views)."""
+        return TriangleBlocks(self.rows, tuple(block[start:stop] for block in self.blocks))
+
+
+def row_blocks(d: int, block: int = TRIANGLE_BLOCK) -> list[tuple[int, int]]:
+    """Split ``d`` factor rows into about equal blocks of roughly ``block`` rows.
+
+    Args:
+        d: Rows (the embedding dimension).
+        block: Target rows per block.
+
+    Returns:
+        ``(start, stop)`` row ranges covering ``0:d`` in order.
+    """
+    k = max(1, d // block)
+    edges = [round(i * d / k) for i in range(k + 1)]
+    return list(itertools.pairwise(edges))
+
+
+def is_lower_triangular(factor: torch.Tensor, chunk: int = 256) -> bool:
+    """Whether every matrix of ``factor`` ``(P, d, d)`` is zero above its diagonal (checked in chunks)."""
+    return all(
+        not bool(torch.triu(factor[start : start + chunk], diagonal=1).any())
+        for start in range(0, factor.shape[0], chunk)
+    )
+
+
+def triangle_blocks(factor: torch.Tensor, block: int = TRIANGLE_BLOCK) -> TriangleBlocks:
+    """Cut a lower-triangular factor into :class:`TriangleBlocks`.
+
+    Args:
+        factor: Lower-triangular whitening matrices, shape ``(P, d, d)``.
+        block: Target rows per block.
+
+    Returns:
+        The blocks (about two thirds of the factor's memory at d = 100).
+
+    Raises:
+        ValueError: If a matrix has a non-zero entry above its diagonal.
+    """
+    if factor.ndim != 3 or factor.shape[1] != factor.shape[2]:
+        raise ValueError(f"factor must have shape (P, d, d), got {tuple(factor.shape)}")
+    if not is_lower_triangular(factor):
+        raise ValueError("the factor is not lower triangular; use the full product")
+    rows = tuple(row_blocks(factor.shape[1], block))
+    return TriangleBlocks(rows, tuple(factor[:, a:b, :b].transpose(1, 2).contiguous() for a, b in rows))
+
+
+def whitened_norms(
+    centred: torch.Tensor, factor: torch.Tensor | TriangleBlocks, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``||W_p (x - mu_p)||`` of centred row vectors, position by position.
+
+    Args:
+        centred: ``x - mu`` as rows, shape ``(c, B, d)`` (c positions, B images), float32 or
+            float64 (cast to the factor's dtype for the product only).
+        factor: The ``c`` positions' whitening matrices ``(c, d, d)``, or their
+            :class:`TriangleBlocks`.
+        out: Optional result tensor, shape ``(c, B)``.
+
+    Returns:
+        Distances, shape ``(c, B)``, in ``centred``'s dtype.
+    """
+    accumulate = centred.dtype
+    dtype = factor.blocks[0].dtype if isinstance(factor, TriangleBlocks) else factor.dtype
+    operand = centred.to(dtype)
+    if isinstance(factor, TriangleBlocks):
+        squares = out if out is not None else centred.new_empty(centred.shape[:2])
+        squares.zero_()
+        for (_, bottom), block in zip(factor.rows, factor.blocks, strict=True):
+            part = torch.bmm(operand[:, :, :bottom], block).to(accumulate)
+            squares.add_(part.square_().sum(dim=2))
+        return squares.sqrt_()
+    whitened = torch.bmm(operand, factor.transpose(1, 2)).to(accumulate)
+    return torch.linalg.vector_norm(whitened, dim=2, out=out)
+
+
 def mahalanobis_distances(
-    embeddings: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor, chunk: int | None = None
+    embeddings: torch.Tensor,
+    mean: torch.Tensor,
+    factor: torch.Tensor | TriangleBlocks,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Mahalanobis distance of every position of every image in a batch.
 
     Args:
         embeddings: Shape ``(B, d, H, W)`` or ``(B, d, P)``.
         mean: Per-position means, shape ``(P, d)``.
-        factor: Whitening matrices ``L^{-1}``, shape ``(P, d, d)``.
+        factor: Whitening matrices ``L^{-1}``, shape ``(P, d, d)``, or the same cut into
+            :class:`TriangleBlocks` (the zero upper triangle skipped: faster on a CPU).
         chunk: Positions per matrix product (bounds temporary memory); ``None`` picks blocks of
             about 8 MB of temporaries, which also keeps them in the CPU caches.
 
@@ -120,11 +230,14 @@ def mahalanobis_distances(
     spatial = embeddings.shape[2:]
     rows = patch_rows(embeddings)  # (B, P, d): a view of channels-last embeddings
     b, p, d = rows.shape
-    if mean.shape != (p, d) or factor.shape != (p, d, d):
-        raise ValueError(
-            f"embeddings (B, {d}, {p}) do not match mean {tuple(mean.shape)} and factor {tuple(factor.shape)}"
-        )
-    dtype = factor.dtype
+    if isinstance(factor, TriangleBlocks):
+        reference = factor.blocks[0]
+        factor_shape = (reference.shape[0], factor.rows[-1][1], factor.rows[-1][1])
+    else:
+        reference, factor_shape = factor, tuple(factor.shape)
+    if mean.shape != (p, d) or factor_shape != (p, d, d):
+        raise ValueError(f"embeddings (B, {d}, {p}) do not match mean {tuple(mean.shape)} and factor {factor_shape}")
+    dtype = reference.dtype
     accumulate = torch.promote_types(dtype, torch.float32)
     # Blocks of positions small enough for the CPU caches (about 8 MB of temporaries).
     step = max(1, chunk if chunk is not None else (8 << 20) // (4 * d * max(b, 1)))
@@ -133,6 +246,6 @@ def mahalanobis_distances(
         stop = min(p, start + step)
         # (c, B, d) rows: whitening from the right, x W^T, keeps every vector contiguous.
         centred = rows[:, start:stop].transpose(0, 1).to(accumulate) - mean[start:stop].to(accumulate).unsqueeze(1)
-        whitened = torch.bmm(centred.to(dtype), factor[start:stop].transpose(1, 2))
-        out[start:stop] = torch.linalg.vector_norm(whitened.to(accumulate), dim=2)
+        part = factor.positions(start, stop) if isinstance(factor, TriangleBlocks) else factor[start:stop]
+        whitened_norms(centred, part, out=out[start:stop])
     return out.transpose(0, 1).reshape(b, *spatial)

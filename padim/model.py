@@ -8,6 +8,7 @@ anomaly maps ``(B, S, S)`` and image scores ``(B,)``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -15,12 +16,20 @@ from torch import nn
 
 from padim.anomaly_map import AnomalyMapGenerator, image_scores
 from padim.backbones import Backbone, BackboneSpec, get_backbone, get_spec
+from padim.cell_statistics import CellLayout, CellStatistics
 from padim.config import PadimConfig
 from padim.embedding import EmbeddingProjector, build_projector
 from padim.features import FeatureExtractor
-from padim.mahalanobis import mahalanobis_distances, whitening_from_accumulator
+from padim.mahalanobis import (
+    TriangleBlocks,
+    is_lower_triangular,
+    mahalanobis_distances,
+    triangle_blocks,
+    whitened_norms,
+    whitening_from_accumulator,
+)
 from padim.preprocessing import Preprocessor
-from padim.statistics import GaussianAccumulator, SharedBlocks, UpdateBuffer
+from padim.statistics import GaussianAccumulator, UpdateBuffer, patch_rows
 
 
 def resolve_channels(config: PadimConfig, spec: BackboneSpec) -> int:
@@ -167,12 +176,12 @@ class TrainingInfo:
     calibration_images: list[tuple[str, str]] = field(default_factory=list)
 
 
-def shared_blocks(projector: EmbeddingProjector, spec: BackboneSpec, grid: tuple[int, int]) -> SharedBlocks | None:
+def cell_layout(projector: EmbeddingProjector, spec: BackboneSpec, grid: tuple[int, int]) -> CellLayout | None:
     """The channel groups that nearest upsampling repeats over grid cells, if the layout has them.
 
     Channel selection keeps the stages in order, and a stage of stride ``s`` repeats over
     ``s / stride_0``-sided cells when the grid divides evenly; a projection mixes channels
-    (``None``). :class:`padim.statistics.UpdateBuffer` still checks the structure on real data.
+    (``None``). :class:`PadimFitter` also checks the stage maps' sizes on the first batch.
 
     Args:
         projector: The embedding's channel reduction.
@@ -187,9 +196,84 @@ def shared_blocks(projector: EmbeddingProjector, spec: BackboneSpec, grid: tuple
         return None
     groups = tuple((c, s // spec.strides[0]) for c, s in zip(counts, spec.strides, strict=True) if c > 0)
     try:
-        return SharedBlocks(grid, groups)
+        return CellLayout(grid, groups)
     except ValueError:
         return None
+
+
+TRIANGLE_BYTES = 1 << 30
+"""Largest factor scored in :class:`TriangleBlocks` on a CPU (they add two thirds of its memory)."""
+
+BAND_BYTES = 4 << 20
+"""Bytes of float32 embedding scored at once by :func:`banded_distances` (fits the CPU caches)."""
+
+
+def banded_distances(
+    maps: list[torch.Tensor],
+    mean: torch.Tensor,
+    factor: torch.Tensor | TriangleBlocks,
+    grid: tuple[int, int],
+    projector: EmbeddingProjector | None = None,
+    band_bytes: int = BAND_BYTES,
+) -> torch.Tensor | None:
+    """Mahalanobis distances of a batch, a band of grid rows at a time.
+
+    Without a projector, ``maps`` are the embedding's channels of each stage
+    (:meth:`padim.features.FeatureExtractor.stage_maps`) and each band's centred vectors
+    ``x - mu`` are written straight from their rows (nearest upsampling and centring in one
+    pass), then whitened while they are in the caches. With a projector (a projection mixes the
+    stages), ``maps`` are the tapped maps and each band is embedded first. The whole batch's
+    embedding (40 MB at B = 32, d = 100) is never written, transposed or allocated (an
+    allocation that size is mapped from the OS and page-faulted in). The distances are those of
+    :func:`padim.mahalanobis.mahalanobis_distances` on the whole embedding.
+
+    Args:
+        maps: Stage maps ``(B, c_i, H_i, W_i)`` in channel order, the first on the grid itself.
+        mean: Per-position means, shape ``(P, d)``.
+        factor: Whitening matrices, shape ``(P, d, d)``, or their :class:`TriangleBlocks`.
+        grid: ``(H, W)`` of the patch grid.
+        projector: The model's channel reduction when ``maps`` are the raw tapped maps.
+        band_bytes: Target size of one band's vectors.
+
+    Returns:
+        Distances ``(B, H, W)``, or ``None`` when the maps are not the grid divided by integer
+        factors (then bands would not line up; embed the whole batch instead).
+    """
+    height, width = grid
+    ratios = []
+    for feature in maps:
+        h, w = feature.shape[-2:]
+        if height % h or width % w or height // h != width // w:
+            return None
+        ratios.append(height // h)
+    if ratios[0] != 1 or (projector is None and sum(m.shape[1] for m in maps) != mean.shape[1]):
+        return None
+    step = math.lcm(*ratios)
+    batch, d = maps[0].shape[0], mean.shape[1]
+    rows = max(step, band_bytes // max(4 * batch * width * d, 1) // step * step)
+    buffer = torch.empty(min(rows, height), width, batch, d, dtype=mean.dtype, device=mean.device)
+    norms = []
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        first, last = top * width, bottom * width
+        rows_factor = factor.positions(first, last) if isinstance(factor, TriangleBlocks) else factor[first:last]
+        if projector is not None:  # embed the band, then centre it
+            part = [f[:, :, top // r : bottom // r] for f, r in zip(maps, ratios, strict=True)]
+            embedding = patch_rows(projector(part)).transpose(0, 1)  # (c, B, d)
+            norms.append(whitened_norms(embedding - mean[first:last].unsqueeze(1), rows_factor))
+            continue
+        centred = buffer[: bottom - top]  # (rows, W, B, d)
+        offset = 0
+        for group, r in zip(maps, ratios, strict=True):
+            h, w, c = (bottom - top) // r, width // r, group.shape[1]
+            source = group[:, :, top // r : bottom // r].permute(2, 3, 0, 1)  # (h, w, B, c)
+            source = source[:, None, :, None].expand(h, r, w, r, batch, c)  # nearest upsampling
+            target = centred.view(h, r, w, r, batch, d)[..., offset : offset + c]
+            centre = mean[first:last].view(h, r, w, r, 1, d)[..., offset : offset + c]
+            torch.sub(source, centre, out=target)
+            offset += c
+        norms.append(whitened_norms(centred.view(-1, batch, d), rows_factor))
+    return torch.cat(norms).transpose(0, 1).reshape(batch, height, width)
 
 
 class PadimFitter:
@@ -229,20 +313,31 @@ class PadimFitter:
                 f"this configuration needs P={h * w}, d={dim}"
             )
         self._accumulator = accumulator
-        # Per-cell statistics pay on the CPU (a fifth of the products); on a GPU the plain batched
-        # product is faster (H200, ResNet18: 21,300 against 18,000 images/s, BENCHMARKS.md).
-        blocks = shared_blocks(self.projector, self.spec, (h, w)) if self.device.type == "cpu" else None
-        self._buffer = UpdateBuffer(accumulator, blocks=blocks)
+        self._buffer = UpdateBuffer(accumulator)
+        # Statistics from the stage maps pay on the CPU (a fifth of the arithmetic, no upsampled
+        # embedding); on a GPU the plain batched product is faster (H200, ResNet18: 21,300
+        # against 18,000 images/s, BENCHMARKS.md).
+        layout = cell_layout(self.projector, self.spec, (h, w)) if self.device.type == "cpu" else None
+        self._cells = CellStatistics(accumulator, layout) if layout is not None else None
 
     @property
     def accumulator(self) -> GaussianAccumulator:
         """The statistics, with every image passed to :meth:`update` folded in."""
         self._buffer.flush()
+        if self._cells is not None:
+            self._cells.flush()
         return self._accumulator
 
+    @property
+    def uses_cells(self) -> bool:
+        """Whether images go to the per-cell statistics (:class:`CellStatistics`)."""
+        return self._cells is not None
+
     def flush(self) -> None:
-        """Fold the images held by :meth:`update` into the statistics and free the buffer."""
+        """Fold the images held by :meth:`update` into the statistics and free the buffers."""
         self._buffer.release()
+        if self._cells is not None:
+            self._cells.flush()
 
     def preprocessor(self, normalize: bool = True) -> Preprocessor:
         """Image transform matching this configuration and backbone (``normalize=False``: uint8)."""
@@ -259,21 +354,41 @@ class PadimFitter:
         """
         return self.extractor(images)
 
-    def update(self, images: torch.Tensor) -> torch.Tensor:
-        """Embed a batch and fold it into the statistics.
+    def update(self, images: torch.Tensor) -> None:
+        """Fold a batch of images into the statistics.
 
-        Embeddings are collected and folded in ~128 images at a time (:class:`UpdateBuffer`);
+        On a CPU, when the embedding is a channel selection whose coarse stages repeat over grid
+        cells, the selected stage maps go to :class:`CellStatistics` and the upsampled embedding
+        is never built; otherwise the embeddings are collected and folded in ~128 images at a
+        time (:class:`UpdateBuffer`). Either way the images are held until the buffer fills;
         reading :attr:`accumulator` or calling :meth:`flush` folds in what is held.
 
         Args:
             images: Shape ``(B, 3, S, S)``.
-
-        Returns:
-            The batch's embeddings, shape ``(B, d, S/4, S/4)`` (for calibration reuse).
         """
-        embeddings = self.embed(images)
-        self._buffer.add(embeddings)
-        return embeddings
+        if self._cells is not None:
+            groups = self._stage_maps(images, self._cells)
+            if groups is not None:
+                self._cells.add(groups)
+                return
+            self._cells.flush()  # the stage maps do not tile the grid: the plain path from now on
+            self._cells = None
+        self._buffer.add(self.embed(images))
+
+    def _stage_maps(self, images: torch.Tensor, cells: CellStatistics) -> list[torch.Tensor] | None:
+        """The selected channels of each stage for a batch, or ``None`` if they do not tile the grid.
+
+        Raises:
+            ValueError: If the images are not of the model's input size.
+        """
+        groups = self.extractor.stage_maps(images)
+        shapes = [tuple(g.shape) for g in groups]
+        expected = cells.expected_shapes(images.shape[0])
+        if shapes == expected:
+            return groups
+        if shapes[0] != expected[0]:  # the images themselves do not fit the model
+            raise ValueError(f"images of shape {tuple(images.shape)} give stage maps {shapes}; expected {expected}")
+        return None
 
 
 class PadimModel(nn.Module):
@@ -315,6 +430,8 @@ class PadimModel(nn.Module):
         self.anomaly_map = AnomalyMapGenerator(config.input_size, config.blur_sigma)
         self._extractor: FeatureExtractor | None = None
         self.position_chunk: int | None = None
+        self._banded = True
+        self._triangles: tuple[tuple[int, torch.device, torch.dtype], TriangleBlocks | None] | None = None
 
     @property
     def channels(self) -> int:
@@ -373,6 +490,25 @@ class PadimModel(nn.Module):
             self._extractor = None
         return self
 
+    def scoring_factor(self) -> torch.Tensor | TriangleBlocks:
+        """The factor in the form scoring uses: :class:`TriangleBlocks` on a CPU, else the matrices.
+
+        Cholesky factors are lower triangular, and skipping their zero half made scoring's
+        matrix products about 30 % faster on the CPU (BENCHMARKS.md). The blocks cost two
+        thirds of the factor's memory again, so factors over :data:`TRIANGLE_BYTES` (e.g.
+        WideResNet50 at d = 550) and factors that are not triangular keep the full product.
+        The blocks are made on first use and remade if the factor changes.
+        """
+        factor = self.factor
+        if factor.device.type != "cpu" or factor.numel() * factor.element_size() > TRIANGLE_BYTES:
+            return factor
+        key = (factor.data_ptr(), factor.device, factor.dtype)
+        if self._triangles is None or self._triangles[0] != key:
+            blocks = triangle_blocks(factor) if is_lower_triangular(factor) else None
+            self._triangles = (key, blocks)
+        blocks = self._triangles[1]
+        return blocks if blocks is not None else factor
+
     @torch.inference_mode()
     def anomaly_maps_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Anomaly maps from embeddings.
@@ -384,8 +520,37 @@ class PadimModel(nn.Module):
             Shape ``(B, S, S)``, float32, on the model's device.
         """
         distances = mahalanobis_distances(
-            embeddings.to(self.mean.device), self.mean, self.factor, chunk=self.position_chunk
+            embeddings.to(self.mean.device), self.mean, self.scoring_factor(), chunk=self.position_chunk
         )
+        return self.anomaly_map(distances)
+
+    @torch.inference_mode()
+    def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Anomaly maps of a batch of images.
+
+        On a CPU the embedding is built and scored a band of grid rows at a time
+        (:func:`banded_distances`), so the ``(B, P, d)`` embedding of the whole batch never
+        exists and each band stays in the CPU caches; on a GPU the batch goes in one piece.
+
+        Args:
+            images: Shape ``(B, 3, S, S)``: ``uint8`` pixels or floats normalised by
+                :meth:`preprocessor`.
+
+        Returns:
+            Shape ``(B, S, S)``, float32, on the model's device.
+        """
+        extractor = self.extractor()
+        if extractor.device.type != "cpu" or not self._banded:
+            return self.anomaly_maps_from_embeddings(extractor(images))
+        factor = self.scoring_factor()
+        if self.projector.stage_counts() is not None:
+            distances = banded_distances(extractor.stage_maps(images), self.mean, factor, self.grid)
+        else:
+            features = extractor.features(images)
+            distances = banded_distances(features, self.mean, factor, self.grid, self.projector)
+        if distances is None:  # the stage maps do not tile the grid: whole embeddings from now on
+            self._banded = False
+            return self.anomaly_maps_from_embeddings(extractor(images))
         return self.anomaly_map(distances)
 
     @torch.inference_mode()
@@ -398,8 +563,7 @@ class PadimModel(nn.Module):
         Returns:
             Anomaly maps ``(B, S, S)`` and scores ``(B,)``, on the CPU.
         """
-        embeddings = self.extractor()(images)
-        maps = self.anomaly_maps_from_embeddings(embeddings)
+        maps = self.anomaly_maps(images)
         return Prediction(anomaly_maps=maps.cpu(), scores=image_scores(maps).cpu())
 
 

@@ -137,14 +137,14 @@ def score_images(
     if keep_maps not in {"anomalous", "all", "none"}:
         raise ValueError(f"keep_maps must be 'anomalous', 'all' or 'none', got {keep_maps!r}")
     pin = model.mean.device.type == "cuda"
-    extractor = model.extractor()
+    model.extractor()  # load the backbone before the loader starts
     transform = model.preprocessor(normalize=False)
     with progress_bar(len(uris), description) as bar:
         batches = iter_batches(uris, transform, batch_size, num_workers=num_workers, pin_memory=pin)
         for index, batch in enumerate(batches):
             results: dict[str, ScoredImage] = {r.uri: ScoredImage(record=r) for r in batch.failed}
             if batch.images is not None:
-                maps = model.anomaly_maps_from_embeddings(extractor(batch.images))
+                maps = model.anomaly_maps(batch.images)
                 for scored in summarise_batch(model, batch.records, maps, keep_maps):
                     results[scored.record.uri] = scored
             # The loader chunks the URIs in order; yield in the caller's order (failed and good interleave).
@@ -174,10 +174,14 @@ def summarise_batch(
     """
     flat = anomaly_maps.float().flatten(1)
     side = anomaly_maps.shape[-1]
-    finite = torch.isfinite(flat).all(dim=1)
-    scores, positions = torch.nan_to_num(flat, nan=-torch.inf).max(dim=1)
+    # A NaN or infinity anywhere makes a map's sum non-finite (one cheap pass); only when some sum
+    # is not finite (or a huge finite map overflowed it) is every value checked.
+    finite = torch.isfinite(flat.sum(dim=1))
+    if not bool(finite.all()):
+        finite = torch.isfinite(flat).all(dim=1)
+    scores, positions = flat.max(dim=1)  # a non-finite map's maximum is not used: it is an error
     thresholds = model.thresholds
-    area = (flat > thresholds.pixel).float().mean(dim=1) if thresholds is not None else None
+    area = (flat > thresholds.pixel).sum(dim=1) / flat.shape[1] if thresholds is not None else None
     finite_h, scores_h, positions_h = finite.cpu().tolist(), scores.double().cpu().tolist(), positions.cpu().tolist()
     area_h = area.double().cpu().tolist() if area is not None else [None] * len(records)
     threshold = thresholds.image if thresholds is not None else None

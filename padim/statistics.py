@@ -19,7 +19,6 @@ positions to bound temporary memory for large ``d`` (WideResNet50, ``d = 550``).
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -365,17 +364,14 @@ class UpdateBuffer:
     An update reads and writes the whole ``(P, d, d)`` float64 co-moment (251 MB at d = 100)
     around a product whose inner dimension is the number of images, so with batches of 32 that
     memory traffic costs as much as the arithmetic; folding ~128 images per update makes it a
-    compute-bound product. With ``blocks`` (checked on the first batch) the images go to a
-    :class:`CellStatistics` instead, which computes the products of the upsampled coarse
-    channels once per grid cell and expands them into the accumulator when it is read
-    (:meth:`flush`). The statistics are the same either way (exact for any batch split).
+    compute-bound product. The statistics are the same (exact for any batch split). (On a CPU the
+    fitter usually takes :class:`padim.cell_statistics.CellStatistics` instead.)
 
     Args:
         accumulator: Where the embeddings go.
         budget_bytes: Most bytes of embeddings held (in their own dtype); a buffer smaller than an
             incoming batch is skipped (the batch is folded in directly).
         max_images: Upper bound on the images held.
-        blocks: The embedding's repeated-channel structure, if it has one.
     """
 
     def __init__(
@@ -383,23 +379,19 @@ class UpdateBuffer:
         accumulator: GaussianAccumulator,
         budget_bytes: int = DEFAULT_BUFFER_BYTES,
         max_images: int = MAX_BUFFERED_IMAGES,
-        blocks: SharedBlocks | None = None,
     ) -> None:
         if budget_bytes < 0 or max_images < 0:
             raise ValueError(f"budget_bytes and max_images must be >= 0, got {budget_bytes}, {max_images}")
         self.accumulator = accumulator
         self.budget_bytes = budget_bytes
         self.max_images = max_images
-        self.blocks = blocks
-        self._blocks_checked = False
-        self._cells: CellStatistics | None = None
         self._buffer: torch.Tensor | None = None  # (capacity, P, d)
         self._count = 0
 
     @property
     def pending(self) -> int:
         """Images held and not yet in the accumulator."""
-        return self._count + (self._cells.n if self._cells is not None else 0)
+        return self._count
 
     def add(self, embeddings: torch.Tensor) -> None:
         """Hold a batch, folding everything in whenever the buffer fills.
@@ -411,13 +403,6 @@ class UpdateBuffer:
             ValueError: If the shape does not match the accumulator's ``d`` and ``P``.
         """
         rows = patch_rows(self.accumulator._check_shape(embeddings))  # (B, P, d)
-        if self.blocks is not None and not self._blocks_checked:
-            # Use the structure only once a real batch shows it; otherwise the plain update.
-            self._blocks_checked = True
-            if has_shared_blocks(rows, self.blocks):
-                self._cells = CellStatistics(self.accumulator, self.blocks)
-            else:
-                self.blocks = None
         capacity = self._capacity(rows)
         if capacity <= rows.shape[0]:
             self._drain()
@@ -438,20 +423,15 @@ class UpdateBuffer:
     def flush(self) -> None:
         """Fold every held image into the accumulator (a no-op when none is held)."""
         self._drain()
-        if self._cells is not None:
-            self._cells.expand_into()
 
     def _drain(self) -> None:
-        """Fold the buffered images (into the compact sums when the structure allows)."""
+        """Fold the buffered images into the accumulator."""
         if self._count and self._buffer is not None:
             self._fold(self._buffer[: self._count])
         self._count = 0
 
     def _fold(self, rows: torch.Tensor) -> None:
-        if self._cells is not None:
-            self._cells.fold(rows)
-        else:
-            self.accumulator.update(rows.transpose(1, 2))  # (n, d, P) view
+        self.accumulator.update(rows.transpose(1, 2))  # (n, d, P) view
 
     def release(self) -> None:
         """Flush, then free the buffer's memory."""
@@ -461,195 +441,6 @@ class UpdateBuffer:
     def _capacity(self, rows: torch.Tensor) -> int:
         per_image = rows.shape[1] * rows.shape[2] * rows.element_size()
         return min(self.max_images, self.budget_bytes // max(per_image, 1))
-
-
-@dataclass(frozen=True)
-class SharedBlocks:
-    """Which channels of the embedding are constant over square cells of the patch grid.
-
-    PaDiM's embedding brings the stride-8 and stride-16 maps to the stride-4 grid by nearest
-    upsampling, so their channels repeat over 2 x 2 and 4 x 4 cells, and the co-moment entries
-    between such a channel and any channel as coarse or coarser are the same at every position of
-    a cell (:class:`CellStatistics` computes them once per cell).
-
-    Args:
-        grid: ``(H, W)`` of the patch grid (``P = H * W``, row-major).
-        groups: ``(channels, cell side)`` per consecutive channel group, in channel order; cell
-            sides non-decreasing, each a multiple of the previous, dividing ``H`` and ``W``.
-    """
-
-    grid: tuple[int, int]
-    groups: tuple[tuple[int, int], ...]
-
-    def __post_init__(self) -> None:
-        h, w = self.grid
-        sides = [side for _, side in self.groups]
-        if not self.groups or any(c < 1 or side < 1 for c, side in self.groups):
-            raise ValueError(f"groups must be non-empty (channels, side) pairs >= 1, got {self.groups}")
-        if sides != sorted(sides) or any(b % a for a, b in itertools.pairwise(sides)):
-            raise ValueError(f"cell sides must be non-decreasing multiples of each other, got {sides}")
-        if h % sides[-1] or w % sides[-1]:
-            raise ValueError(f"grid {self.grid} is not divisible by the cell side {sides[-1]}")
-
-    @property
-    def dim(self) -> int:
-        """Total channels ``d``."""
-        return sum(c for c, _ in self.groups)
-
-
-def has_shared_blocks(rows: torch.Tensor, blocks: SharedBlocks) -> bool:
-    """Whether a batch really has the structure ``blocks`` describes (exact equality).
-
-    Args:
-        rows: Embeddings as rows, shape ``(B, P, d)``.
-        blocks: The claimed channel groups and cell sides.
-
-    Returns:
-        ``True`` when every group's channels are constant over its cells.
-    """
-    h, w = blocks.grid
-    if rows.ndim != 3 or rows.shape[1] != h * w or rows.shape[2] != blocks.dim:
-        return False
-    grid = rows.reshape(rows.shape[0], h, w, rows.shape[2])
-    start = 0
-    for channels, side in blocks.groups:
-        stop = start + channels
-        if side > 1:
-            group = grid[..., start:stop].reshape(-1, h // side, side, w // side, side, channels)
-            if not torch.equal(group, group[:, :, :1, :, :1].expand_as(group)):
-                return False
-        start = stop
-    return True
-
-
-class CellStatistics:
-    """Shifted sums of embeddings whose coarse channels repeat over cells, kept compact.
-
-    For each channel group of cell side ``s`` it keeps the co-moment rows of that group against
-    itself and the coarser groups once per ``s x s`` cell: at d = 100 of EfficientNet-Lite0 (12,
-    28 and 60 channels from strides 4, 8 and 16) that is a fifth of the products and of the
-    memory of the full ``(P, d, d)`` update. :meth:`expand_into` adds them to every position of
-    their cells (and mirrors them) in the accumulator, once, when the statistics are read. The
-    result equals :meth:`GaussianAccumulator.update` over the same images (the same products,
-    summed in another order).
-
-    Args:
-        accumulator: Where the statistics end up; it must not change until :meth:`expand_into`.
-        blocks: The structure of the embeddings (check a batch with :func:`has_shared_blocks`).
-    """
-
-    def __init__(self, accumulator: GaussianAccumulator, blocks: SharedBlocks) -> None:
-        h, w = blocks.grid
-        if h * w != accumulator.num_positions or blocks.dim != accumulator.dim:
-            raise ValueError(
-                f"blocks describe P={h * w}, d={blocks.dim}; the statistics have "
-                f"P={accumulator.num_positions}, d={accumulator.dim}"
-            )
-        self.accumulator = accumulator
-        self.blocks = blocks
-        self.n = 0
-        self._base_n = 0
-        self._shift = torch.empty(0)
-        self._sum = torch.empty(0)
-        self._cells: list[torch.Tensor] = []
-
-    def fold(self, rows: torch.Tensor) -> None:
-        """Add a batch to the compact sums.
-
-        Args:
-            rows: Shape ``(B, P, d)``, finite, with the structure of :attr:`blocks`.
-        """
-        acc = self.accumulator
-        b = rows.shape[0]
-        if b == 0:
-            return
-        _check_finite(rows)
-        rows = rows.to(acc.device)
-        if self.n == 0:
-            self._start(rows)
-        h, w = self.blocks.grid
-        d = acc.dim
-        fine_channels, fine_side = self.blocks.groups[0]
-        # Every position: the sums, and the rows of the finest group when it varies per position.
-        chunk = _position_chunk(acc.num_positions, d, b)
-        for start in range(0, acc.num_positions, chunk):
-            stop = min(acc.num_positions, start + chunk)
-            source = rows[:, start:stop].permute(1, 2, 0)  # (c, d, B)
-            block = _scratch(self, tuple(source.shape), acc.device)
-            torch.sub(source, self._shift[start:stop].unsqueeze(2), out=block)
-            self._sum[start:stop].add_(block.sum(dim=2))
-            if fine_side == 1:
-                self._cells[0][start:stop].baddbmm_(block[:, :fine_channels], block.transpose(1, 2))
-        # Coarser groups: one vector per cell (the cell's first position), against the coarser channels.
-        grid = rows.view(b, h, w, d)
-        shifts = self._shift.view(h, w, d)
-        offset = 0
-        for (channels, side), sums in zip(self.blocks.groups, self._cells, strict=True):
-            if side > 1:
-                width = d - offset
-                cells_wide = w // side
-                band = max(1, chunk // max(cells_wide, 1))  # cell rows per step
-                for r0 in range(0, h // side, band):
-                    r1 = min(h // side, r0 + band)
-                    source = grid[:, r0 * side : r1 * side : side, ::side, offset:].permute(1, 2, 3, 0)
-                    block = _scratch(self, (r1 - r0, cells_wide, width, b), acc.device)
-                    shift = shifts[r0 * side : r1 * side : side, ::side, offset:].unsqueeze(3)
-                    torch.sub(source, shift, out=block)
-                    vectors = block.view(-1, width, b)
-                    target = sums[r0 * cells_wide : r1 * cells_wide]
-                    target.baddbmm_(vectors[:, :channels], vectors.transpose(1, 2))
-            offset += channels
-        self.n += b
-
-    def expand_into(self) -> None:
-        """Add the held statistics to the accumulator (every position of every cell) and reset.
-
-        Raises:
-            RuntimeError: If the accumulator changed since the first :meth:`fold`.
-        """
-        if self.n == 0:
-            return
-        acc = self.accumulator
-        if acc.n != self._base_n or (acc.n > 0 and not torch.equal(acc._shift, self._shift)):
-            raise RuntimeError("the statistics changed while images were held in compact form")
-        if acc.n == 0:
-            acc._shift.copy_(self._shift)
-        acc._sum.add_(self._sum)
-        h, w = self.blocks.grid
-        d = acc.dim
-        start = 0
-        for (channels, side), sums in zip(self.blocks.groups, self._cells, strict=True):
-            stop = start + channels
-            target = acc._comoment.view(h // side, side, w // side, side, d, d)
-            values = sums.view(h // side, 1, w // side, 1, channels, d - start)
-            target[..., start:stop, start:].add_(values)  # own rows, diagonal block included
-            if stop < d:
-                target[..., stop:, start:stop].add_(values[..., channels:].transpose(-1, -2))  # mirror
-            start = stop
-        acc.n += self.n
-        acc._canonical = False
-        self.n = 0
-        self._sum, self._shift, self._cells = torch.empty(0), torch.empty(0), []
-
-    def _start(self, rows: torch.Tensor) -> None:
-        """Fix the shift (the accumulator's, or this batch's mean) and allocate the sums."""
-        acc = self.accumulator
-        if acc.n > 0:
-            acc._canonicalize()
-            self._shift = acc._shift.clone()
-        else:  # the first batch's mean, a block of positions at a time (no float64 copy of the batch)
-            self._shift = torch.empty(acc.num_positions, acc.dim, dtype=torch.float64, device=acc.device)
-            _fill_mean(self._shift, rows, _position_chunk(acc.num_positions, acc.dim, rows.shape[0]))
-        self._base_n = acc.n
-        h, w = self.blocks.grid
-        d = acc.dim
-        self._sum = torch.zeros(acc.num_positions, d, dtype=torch.float64, device=acc.device)
-        self._cells = []
-        start = 0
-        for channels, side in self.blocks.groups:
-            cells = (h // side) * (w // side)
-            self._cells.append(torch.zeros(cells, channels, d - start, dtype=torch.float64, device=acc.device))
-            start += channels
 
 
 def oas_shrink(covariance: torch.Tensor, n: int) -> torch.Tensor:

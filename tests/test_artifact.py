@@ -6,6 +6,7 @@ the artifact code does not depend on the backbone's weights.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Callable
@@ -305,13 +306,63 @@ def test_partial_statistics_errors(tmp_path: Path) -> None:
 
 def test_fitter_cell_statistics_equal_the_plain_update(batch_a: torch.Tensor, batch_b: torch.Tensor) -> None:
     fitter = PadimFitter(CONFIG)
-    assert fitter._buffer.blocks is not None  # ResNet18 at 32 px: grid 8 x 8, cells of 1, 2 and 4
+    assert fitter.uses_cells  # ResNet18 at 32 px: grid 8 x 8, cells of 1, 2 and 4
     plain = GaussianAccumulator(fitter.accumulator.num_positions, fitter.accumulator.dim)
     for batch in (batch_a, batch_b):
-        plain.update(fitter.update(batch))
+        fitter.update(batch)
+        plain.update(fitter.embed(batch))
     fitted = fitter.accumulator
-    assert fitter._buffer.blocks is not None  # the structure held on the real embeddings
+    assert fitter.uses_cells  # the stage maps tiled the grid on real images
     assert fitted.n == plain.n == 11
     torch.testing.assert_close(fitted.mean, plain.mean, rtol=1e-12, atol=1e-12)
     scale = float(plain.m2.abs().max())
     torch.testing.assert_close(fitted.m2, plain.m2, rtol=0, atol=1e-12 * scale)
+
+
+def test_banded_scoring_equals_scoring_the_whole_embedding(model_a: PadimModel, probe: torch.Tensor) -> None:
+    from padim.mahalanobis import TriangleBlocks, mahalanobis_distances
+
+    assert isinstance(model_a.scoring_factor(), TriangleBlocks)  # a Cholesky factor on the CPU
+    embeddings = model_a.extractor()(probe)
+    # Reference: the whole batch's embedding against the full factor, one product per position.
+    reference = model_a.anomaly_map(mahalanobis_distances(embeddings, model_a.mean, model_a.factor))
+    maps = model_a.anomaly_maps(probe)
+    torch.testing.assert_close(maps, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+    # A factor that is not triangular is scored with the full product, never cut.
+    altered = copy.deepcopy(model_a)
+    altered.factor = altered.factor.clone()
+    altered.factor[:, 0, -1] = 0.5
+    assert isinstance(altered.scoring_factor(), torch.Tensor)
+    expected = altered.anomaly_map(mahalanobis_distances(embeddings, altered.mean, altered.factor))
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(altered.anomaly_maps(probe), expected, rtol=1e-5, atol=1e-5 * scale)
+    assert not torch.allclose(expected, reference)
+
+
+@pytest.mark.parametrize("selection", ["random", "all", "semi_orthogonal"])
+def test_banded_scoring_of_every_channel_reduction(selection: str) -> None:
+    from padim.mahalanobis import mahalanobis_distances
+    from padim.model import banded_distances
+
+    config = CONFIG.model_copy(update={"channel_selection": selection, "image_size": 64, "crop_size": 64})
+    fitter = PadimFitter(config)
+    train = torch.randint(0, 256, (40, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(8))
+    fitter.update(train)
+    model = build_model(fitter)
+    probe = train[:4].flip(-1)
+    reference = mahalanobis_distances(model.extractor()(probe), model.mean, model.factor)
+    extractor = model.extractor()
+    features = extractor.features(probe)
+    if selection == "semi_orthogonal":
+        maps, projector = features, model.projector
+    else:
+        maps, projector = [m.clone() for m in extractor.stage_maps(probe)], None
+        assert sum(m.shape[1] for m in maps) == model.channels
+    for band_bytes in (1, 1 << 30):  # the narrowest bands (one coarse row) and one band
+        got = banded_distances(maps, model.mean, model.scoring_factor(), model.grid, projector, band_bytes)
+        assert got is not None
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+    torch.testing.assert_close(model.anomaly_maps(probe), model.anomaly_map(reference), rtol=1e-5, atol=1e-4)
+    # Maps that are not the grid divided by whole factors are left to the whole-batch path.
+    cropped = [f[..., :-1] for f in maps]
+    assert banded_distances(cropped, model.mean, model.factor, model.grid, projector) is None

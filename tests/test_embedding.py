@@ -143,3 +143,37 @@ def test_projector_validates_its_inputs() -> None:
     wrong[1] = wrong[1][:, :39]
     with pytest.raises(ValueError, match="40"):
         projector(wrong)
+
+
+@pytest.mark.parametrize("method", ["random", "all"])
+def test_selected_stages_upsample_to_the_embedding(method: str) -> None:
+    projector = build_projector(STAGES, 100 if method == "random" else TOTAL, method, seed=3)
+    features = [f.contiguous(memory_format=torch.channels_last) for f in random_features((16, 8, 4), batch=3)]
+    expected = reference_embedding(features, projector.indices)
+    for out in (None, [torch.empty(3, s, s, c) for s, c in zip((16, 8, 4), projector.stage_counts(), strict=True)]):
+        stages = projector.select_stages(features, out=out)
+        upsampled = torch.cat([nearest_upsample(m, (16, 16)) for m in stages], dim=1)
+        assert torch.equal(upsampled, expected)
+        assert all(m.is_contiguous(memory_format=torch.channels_last) for m in stages)
+    with pytest.raises(ValueError, match="output tensors"):
+        projector.select_stages(features, out=[torch.empty(3, 16, 16, 12)])
+
+
+def test_a_projection_has_no_stage_channels() -> None:
+    projector = build_projector(STAGES, 30, "semi_orthogonal", seed=3)
+    with pytest.raises(ValueError, match="mixes"):
+        projector.select_stages(random_features((16, 8, 4)))
+
+
+def test_extractor_stage_maps_reuse_their_buffers_correctly() -> None:
+    from padim.backbones import get_backbone
+    from padim.features import FeatureExtractor
+
+    backbone = get_backbone("resnet18", "random", "cpu")
+    extractor = FeatureExtractor(backbone, build_projector((64, 128, 256), 40, "random", seed=1))
+    images = torch.randint(0, 256, (11, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    for batch in (images, images[:5]):  # a smaller batch after a larger one reuses the buffers
+        stages = [m.clone() for m in extractor.stage_maps(batch)]
+        assert all(m.shape[0] == batch.shape[0] for m in stages)
+        upsampled = torch.cat([nearest_upsample(m, (8, 8)) for m in stages], dim=1)
+        torch.testing.assert_close(upsampled, extractor(batch), rtol=0, atol=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,14 @@ from sklearn.covariance import oas
 
 from padim.anomaly_map import image_scores
 from padim.config import PadimConfig
-from padim.mahalanobis import mahalanobis_distances, whitening_factor, whitening_from_accumulator
+from padim.mahalanobis import (
+    is_lower_triangular,
+    mahalanobis_distances,
+    row_blocks,
+    triangle_blocks,
+    whitening_factor,
+    whitening_from_accumulator,
+)
 from padim.model import build_model
 from padim.statistics import GaussianAccumulator
 
@@ -69,6 +78,41 @@ def test_chunked_equals_unchunked() -> None:
     whole = mahalanobis_distances(x, mu, factor)
     for chunk in (1, 2, 4, P, 100):
         assert torch.equal(mahalanobis_distances(x, mu, factor, chunk=chunk), whole), chunk
+
+
+@pytest.mark.parametrize("d", [5, 31, 64, 100, 131])
+def test_triangular_blocks_equal_the_full_product(d: int) -> None:
+    rng = np.random.default_rng(d)
+    a = rng.normal(size=(7, d, d))
+    covariance = torch.from_numpy(a @ a.transpose(0, 2, 1) / d + 0.1 * np.eye(d))
+    factor = whitening_factor(covariance)
+    assert is_lower_triangular(factor) and is_lower_triangular(factor.float(), chunk=2)
+    mean = torch.from_numpy(rng.normal(size=(7, d)))
+    x = torch.from_numpy(rng.normal(size=(4, d, 7)) + 0.5)
+    # float64: the blocks give the full product's distances to rounding.
+    full = mahalanobis_distances(x, mean, factor)
+    blocked = triangle_blocks(factor)
+    torch.testing.assert_close(mahalanobis_distances(x, mean, blocked), full, rtol=1e-12, atol=0)
+    # float32 (the stored model): within float32 rounding of the float64 distances.
+    got = mahalanobis_distances(x.float(), mean.float(), triangle_blocks(factor.float()), chunk=3)
+    torch.testing.assert_close(got.double(), full, rtol=1e-5, atol=0)
+    # Positions of a block view score like the same positions of the whole.
+    part = mahalanobis_distances(x[:, :, 2:5], mean[2:5], blocked.positions(2, 5))
+    torch.testing.assert_close(part, full[:, 2:5], rtol=1e-12, atol=0)
+    assert blocked.nbytes < factor.numel() * 8 or d < 64
+    # The blocks tile the rows in order.
+    blocks = row_blocks(d)
+    assert blocks[0][0] == 0 and blocks[-1][1] == d
+    assert all(b[0] == a[1] for a, b in itertools.pairwise(blocks))
+
+
+def test_a_full_factor_is_not_taken_for_triangular() -> None:
+    factor = torch.eye(4).repeat(3, 1, 1)
+    assert is_lower_triangular(factor)
+    factor[2, 0, 3] = 1e-9
+    assert not is_lower_triangular(factor, chunk=2)
+    with pytest.raises(ValueError, match="not lower triangular"):
+        triangle_blocks(factor)
 
 
 def test_whitening_factor_whitens() -> None:

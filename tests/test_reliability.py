@@ -475,15 +475,17 @@ def _ok_row(image_uri: str = "/x/0.png", run_id: str = "r1") -> dict[str, Any]:
 def test_the_guard_and_the_writer_refuse_non_finite_values(trained: TrainedStore, tmp_path: Path) -> None:
     model = cached_model(ModelStore(trained.store).version_url(PRODUCT, trained.version), "cpu")
     side = model.config.input_size
-    maps = torch.rand(4, side, side)
+    maps = torch.rand(5, side, side)
     maps[1, 0, 0], maps[2, 5, 5], maps[3, 7, 7] = float("nan"), float("inf"), float("-inf")
-    records = [ImageRecord(uri=f"/x/{i}.png", sha256="ab" * 32, width=80, height=80) for i in range(4)]
+    maps[4] = 3e38  # finite everywhere, but its sum overflows: still a valid map
+    records = [ImageRecord(uri=f"/x/{i}.png", sha256="ab" * 32, width=80, height=80) for i in range(5)]
 
     results = summarise_batch(model, records, maps, keep_maps="none")
 
     assert results[0].ok and math.isfinite(results[0].score or float("nan"))
-    assert [r.ok for r in results[1:]] == [False, False, False]
-    assert all("non-finite" in (r.record.error or "") for r in results[1:])
+    assert [r.ok for r in results[1:4]] == [False, False, False]
+    assert all("non-finite" in (r.record.error or "") for r in results[1:4])
+    assert results[4].ok and results[4].score == pytest.approx(3e38)
     # The report writer is the last line of defence (unit cases: test_reports.py).
     row = _ok_row()
     store = str(tmp_path / "store")

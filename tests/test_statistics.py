@@ -17,15 +17,7 @@ from sklearn.covariance import OAS, oas
 
 from padim.errors import PadimError
 from padim.mahalanobis import whitening_from_accumulator
-from padim.statistics import (
-    CellStatistics,
-    GaussianAccumulator,
-    SharedBlocks,
-    UpdateBuffer,
-    has_shared_blocks,
-    oas_shrink,
-    patch_rows,
-)
+from padim.statistics import GaussianAccumulator, UpdateBuffer, oas_shrink
 
 P_SIDE = 3  # 3 x 3 grid -> 9 positions
 P = P_SIDE * P_SIDE
@@ -319,77 +311,3 @@ def test_update_buffer_validates_before_holding() -> None:
     assert buffer.pending == 0
 
 
-SHARED = SharedBlocks(grid=(8, 4), groups=((3, 1), (2, 2), (4, 4)))  # d = 9, P = 32
-
-
-def structured_embeddings(n: int, seed: int) -> torch.Tensor:
-    """``(n, 9, 8, 4)`` embeddings shaped like PaDiM's: stride-4, -8, -16 maps nearest-upsampled."""
-    rng = np.random.default_rng(seed)
-    fine = rng.normal(size=(n, 3, 8, 4))
-    mid = np.repeat(np.repeat(rng.normal(size=(n, 2, 4, 2)), 2, axis=2), 2, axis=3)
-    coarse = np.repeat(np.repeat(rng.normal(size=(n, 4, 2, 1)), 4, axis=2), 4, axis=3)
-    return torch.from_numpy(OFFSET + np.concatenate([fine, mid, coarse], axis=1))
-
-
-def numpy_covariances(data: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Means ``(P, d)``, ``numpy.cov`` ``(P, d, d)`` and the per-position scale of the latter."""
-    n, d = data.shape[0], data.shape[1]
-    flat = data.numpy().reshape(n, d, -1)
-    covs = np.stack([np.cov(flat[:, :, p], rowvar=False, ddof=1) for p in range(flat.shape[2])])
-    return flat.mean(axis=0).T, covs, np.abs(covs).max(axis=(1, 2), keepdims=True)
-
-
-@pytest.mark.parametrize("budget_images", [4, 1000])  # buffered in several folds / all in one
-def test_cell_statistics_equal_numpy(budget_images: int) -> None:
-    data = structured_embeddings(30, seed=4)
-    assert has_shared_blocks(patch_rows(data), SHARED)
-    acc = GaussianAccumulator(32, 9)
-    buffer = UpdateBuffer(acc, budget_bytes=budget_images * 32 * 9 * 8, blocks=SHARED)
-    for start in range(0, 30, 7):
-        buffer.add(data[start : start + 7])
-    assert buffer.blocks is not None and acc.n == 0  # held in compact form until read
-    buffer.flush()
-    means, covs, scale = numpy_covariances(data)
-    assert acc.n == 30 and buffer.pending == 0
-    assert np.abs(acc.mean.numpy() - means).max() / OFFSET < RTOL
-    assert (np.abs(acc.covariance().numpy() - covs) / scale).max() < RTOL
-
-
-def test_cell_statistics_continue_existing_statistics() -> None:
-    data = structured_embeddings(25, seed=6)
-    acc = GaussianAccumulator(32, 9)
-    acc.update(data[:10])  # e.g. a model being refit with new images
-    cells = CellStatistics(acc, SHARED)
-    cells.fold(patch_rows(data[10:18]))
-    cells.fold(patch_rows(data[18:]))
-    cells.expand_into()
-    _, covs, scale = numpy_covariances(data)
-    assert acc.n == 25
-    assert (np.abs(acc.covariance().numpy() - covs) / scale).max() < RTOL
-    # Changing the statistics while images are held in compact form is refused, not mixed up.
-    cells.fold(patch_rows(data[:3]))
-    acc.update(data[:2])
-    with pytest.raises(RuntimeError, match="changed"):
-        cells.expand_into()
-
-
-def test_unstructured_batch_falls_back_to_the_plain_update() -> None:
-    data = structured_embeddings(12, seed=5)
-    data[3, 4, 0, 1] += 1.0  # breaks the 2 x 2 repetition of a mid channel in one cell
-    assert not has_shared_blocks(patch_rows(data), SHARED)
-    acc = GaussianAccumulator(32, 9)
-    buffer = UpdateBuffer(acc, blocks=SHARED)
-    buffer.add(data)
-    buffer.flush()
-    assert buffer.blocks is None  # the claimed structure was checked and dropped
-    _, covs, scale = numpy_covariances(data)
-    assert (np.abs(acc.covariance().numpy() - covs) / scale).max() < RTOL
-
-
-def test_shared_blocks_reject_impossible_layouts() -> None:
-    with pytest.raises(ValueError):
-        SharedBlocks(grid=(8, 6), groups=((3, 1), (2, 4)))  # 6 is not a multiple of 4
-    with pytest.raises(ValueError):
-        SharedBlocks(grid=(8, 8), groups=((3, 2), (2, 1)))  # sides must not decrease
-    with pytest.raises(ValueError):
-        CellStatistics(GaussianAccumulator(32, 10), SHARED)
