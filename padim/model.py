@@ -22,14 +22,13 @@ from padim.embedding import EmbeddingProjector, build_projector
 from padim.features import FeatureExtractor
 from padim.mahalanobis import (
     TriangleBlocks,
-    is_lower_triangular,
     mahalanobis_distances,
     triangle_blocks,
     whitened_norms,
     whitening_from_accumulator,
 )
 from padim.preprocessing import Preprocessor
-from padim.statistics import GaussianAccumulator, UpdateBuffer, patch_rows
+from padim.statistics import GaussianAccumulator, UpdateBuffer
 
 
 def resolve_channels(config: PadimConfig, spec: BackboneSpec) -> int:
@@ -251,16 +250,17 @@ def banded_distances(
     step = math.lcm(*ratios)
     batch, d = maps[0].shape[0], mean.shape[1]
     rows = max(step, band_bytes // max(4 * batch * width * d, 1) // step * step)
-    buffer = torch.empty(min(rows, height), width, batch, d, dtype=mean.dtype, device=mean.device)
+    if projector is None:
+        buffer = torch.empty(min(rows, height), width, batch, d, dtype=mean.dtype, device=mean.device)
     norms = []
     for top in range(0, height, rows):
         bottom = min(height, top + rows)
         first, last = top * width, bottom * width
         rows_factor = factor.positions(first, last) if isinstance(factor, TriangleBlocks) else factor[first:last]
-        if projector is not None:  # embed the band, then centre it
+        if projector is not None:  # embed the band, then score it as a whole embedding
             part = [f[:, :, top // r : bottom // r] for f, r in zip(maps, ratios, strict=True)]
-            embedding = patch_rows(projector(part)).transpose(0, 1)  # (c, B, d)
-            norms.append(whitened_norms(embedding - mean[first:last].unsqueeze(1), rows_factor))
+            distances = mahalanobis_distances(projector(part), mean[first:last], rows_factor)  # (B, rows, W)
+            norms.append(distances.flatten(1).transpose(0, 1))
             continue
         centred = buffer[: bottom - top]  # (rows, W, B, d)
         offset = 0
@@ -504,7 +504,10 @@ class PadimModel(nn.Module):
             return factor
         key = (factor.data_ptr(), factor.device, factor.dtype)
         if self._triangles is None or self._triangles[0] != key:
-            blocks = triangle_blocks(factor) if is_lower_triangular(factor) else None
+            try:
+                blocks: TriangleBlocks | None = triangle_blocks(factor)  # checks triangularity once
+            except ValueError:
+                blocks = None
             self._triangles = (key, blocks)
         blocks = self._triangles[1]
         return blocks if blocks is not None else factor
