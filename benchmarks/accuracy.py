@@ -58,6 +58,7 @@ PAPER: dict[str, Any] = {
 """The paper protocol with the default backbone (anomalib's measured configuration)."""
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "default": ("the shipped defaults (`PadimConfig()`: every channel, 224 x 224, no crop)", {}),
     "paper": ("paper protocol: 100 random channels, S + 0.01 I, resize 256 + crop 224", {}),
     "semi_orthogonal": (
         "100-dim semi-orthogonal projection (Kim et al. 2021)",
@@ -84,14 +85,14 @@ ANCHORS: dict[str, dict[str, float]] = {
 
 IMAGE_FPR_TARGETS = (0.01, 0.05)
 PIXEL_FPR_TARGETS = (0.01, 0.001, 0.0001)
-HOLDOUT_FRACTION = 0.2
-MIN_HOLDOUT = 10
 
 
 def variant_config(name: str) -> Any:
-    """The :class:`PadimConfig` of a variant."""
+    """The :class:`PadimConfig` of a variant (``default`` is ``PadimConfig()`` itself)."""
     from padim.config import PadimConfig
 
+    if name == "default":
+        return PadimConfig()
     _, overrides = VARIANTS[name]
     return PadimConfig(**{**PAPER, **overrides})
 
@@ -149,16 +150,12 @@ def run_worker(dataset_dir: Path, variant: str, batch_size: int) -> dict[str, An
     import torch
 
     from padim.evaluation import run_evaluation, summarize
+    from padim.settings import TrainSettings
 
     start = time.perf_counter()
-    run = run_evaluation(
-        dataset_dir,
-        variant_config(variant),
-        holdout_fraction=HOLDOUT_FRACTION,
-        min_holdout=MIN_HOLDOUT,
-        compare_unmerged=True,
-        batch_size=batch_size,
-    )
+    # The shipped training settings (hold-out share, target rates...), as `padim train` uses them.
+    settings = TrainSettings(batch_size=batch_size)
+    run = run_evaluation(dataset_dir, variant_config(variant), settings, compare_unmerged=True)
     result = summarize(run).to_dict()
     result.update(calibration_study(run))
     result.update(
@@ -174,9 +171,8 @@ def run_worker(dataset_dir: Path, variant: str, batch_size: int) -> dict[str, An
 def seed_study(dataset_dir: Path, seeds: list[int], batch_size: int) -> list[dict[str, Any]]:
     """How much the paper protocol depends on *which* 100 random channels are drawn.
 
-    One backbone pass embeds every image with all 176 channels; each seed's channel subset is
-    then selected from it (exactly what the ``random`` projector computes), fitted on all of
-    ``train/good`` (the paper protocol, no hold-out) and scored on the test set.
+    Each seed's configuration is evaluated through :func:`padim.evaluation.run_evaluation` (the
+    engine every job runs) on all of ``train/good`` (the paper protocol, no hold-out).
 
     Args:
         dataset_dir: MVTec-layout data set.
@@ -186,55 +182,21 @@ def seed_study(dataset_dir: Path, seeds: list[int], batch_size: int) -> list[dic
     Returns:
         One row per seed: ``seed``, ``image_auroc``, ``pixel_auroc``, ``aupro``.
     """
-    from padim.embedding import select_channel_indices
-    from padim.evaluation import _batches, discover_layout, load_mask
-    from padim.metrics import PixelCurve, image_auroc
-    from padim.model import PadimFitter, build_model
-    from padim.statistics import GaussianAccumulator
+    from padim.evaluation import run_evaluation, summarize
+    from padim.settings import TrainSettings
 
-    full = variant_config("all_channels")
-    layout = discover_layout(dataset_dir)
-    fitter = PadimFitter(full, "cpu")
-    total = fitter.projector.out_channels
-    chosen = {seed: select_channel_indices(total, 100, seed) for seed in seeds}
-    positions = fitter.accumulator.num_positions
-    accumulators = {seed: GaussianAccumulator(positions, 100) for seed in seeds}
-    for _, embeddings, _ in _batches(layout.train, fitter, batch_size, strict=False):
-        for seed in seeds:
-            accumulators[seed].update(embeddings.index_select(1, chosen[seed]))
-    models = {
-        seed: build_model(
-            variant_config("paper").model_copy(update={"seed": seed}),
-            accumulators[seed],
-            weights_sha256=fitter.backbone.weights_sha256,
-            keep_statistics=False,
-        )
-        for seed in seeds
-    }
-    side = full.input_size
-    n = len(layout.test)
-    maps = {seed: np.empty((n, side, side), dtype=np.float32) for seed in seeds}
-    masks = np.empty((n, side, side), dtype=bool)
-    row = 0
-    for records, embeddings, _ in _batches([t.uri for t in layout.test], fitter, batch_size, strict=True):
-        stop = row + len(records)
-        for seed in seeds:
-            maps[seed][row:stop] = models[seed].anomaly_maps_from_embeddings(embeddings.index_select(1, chosen[seed]))
-        for offset, record in enumerate(records):
-            masks[row + offset] = load_mask(layout.test[row + offset].mask_uri, (record.width, record.height), full)
-        row = stop
-    labels = np.array([t.anomalous for t in layout.test])
+    settings = TrainSettings(holdout_fraction=0.0, batch_size=batch_size)
     rows = []
     for seed in seeds:
-        curve = PixelCurve.from_maps(masks, maps[seed])
-        scores = maps[seed].reshape(n, -1).max(axis=1)
+        config = variant_config("paper").model_copy(update={"seed": seed})
+        result = summarize(run_evaluation(dataset_dir, config, settings))
         rows.append(
             {
                 "dataset_name": dataset_dir.name,
                 "seed": seed,
-                "image_auroc": image_auroc(labels, scores),
-                "pixel_auroc": curve.auroc(),
-                "aupro": curve.aupro(0.3),
+                "image_auroc": result.image_auroc,
+                "pixel_auroc": result.pixel_auroc,
+                "aupro": result.aupro,
             }
         )
     return rows
@@ -398,10 +360,14 @@ def _per_kind_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _calibration_tables(rows: list[dict[str, Any]]) -> list[str]:
+    from padim.settings import TrainSettings
+
+    defaults = TrainSettings()
     lines = [
         "### Label-free thresholds: measured false-positive rates on the test set",
         "",
-        f"Hold-out: {HOLDOUT_FRACTION:.0%} of `train/good` (at least {MIN_HOLDOUT}), scored by the model of the "
+        f"Hold-out: {defaults.holdout_fraction:.0%} of `train/good` (at least {defaults.min_holdout}), "
+        "scored by the model of the "
         "remaining images; threshold = the order statistic of `padim.calibration.threshold_at_fpr`. "
         "*merged*: the final model (hold-out merged into the statistics) scores the test set; "
         "*unmerged*: the fit-set-only model does. Image FPR on `test/good`, recall on the defective images.",

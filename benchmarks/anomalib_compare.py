@@ -49,9 +49,9 @@ def run_padim(data: Path, batch: int, workers: int) -> dict[str, Any]:
     """Our side: fit on train/good, then score every test image."""
     from padim.backbones import get_backbone
     from padim.config import PadimConfig
+    from padim.engine import fit_images, score_images
     from padim.images import list_images
     from padim.model import build_model
-    from padim.pipeline import fit_images, score_images
 
     # anomalib's protocol (not our defaults, which keep all 176 channels and skip the crop):
     # EfficientNet-Lite0, d = 100 random channels, resize 256, centre-crop 224.

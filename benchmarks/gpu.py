@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from padim.anomaly_map import image_scores
 from padim.config import PadimConfig
+from padim.engine import fit_images, score_images
 from padim.images import iter_batches, list_images
 from padim.model import PadimFitter, build_model
-from padim.pipeline import fit_images, score_images
 
 CASES = (
     ("resnet18", 100, "random", 256),
@@ -142,7 +142,7 @@ def measure_case(name: str, d: int, weights: str | None, batch: int, device: tor
     extractor = model.extractor()
 
     def score_device() -> torch.Tensor:
-        return image_scores(model.anomaly_maps_from_embeddings(extractor(images)))
+        return image_scores(model.anomaly_maps(extractor.extract(images)))
 
     reset_peak(device)
     emit(

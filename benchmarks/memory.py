@@ -25,9 +25,9 @@ def fit_once(data: str, size: int, backbone: str, weights: str | None, channels:
     """Fit on ``size`` images in this process and report its peak RSS."""
     from padim.backbones import get_backbone
     from padim.config import PadimConfig
+    from padim.engine import fit_images
     from padim.images import list_images
     from padim.model import build_model
-    from padim.pipeline import fit_images
 
     uris = list_images(data)
     uris = (uris * (size // len(uris) + 1))[:size]

@@ -35,9 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from padim.config import PadimConfig
+from padim.engine import fit_images, score_images, summarise_batch
 from padim.images import iter_batches, list_images
 from padim.model import PadimFitter, build_model
-from padim.pipeline import fit_images, score_images, summarise_batch
+from padim.settings import CPU_BATCH_SIZE
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile" / "train" / "good"
 
@@ -71,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder of images")
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--weights", default=None)
-    parser.add_argument("--channels", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=None, help="embedding channels (default: the backbone's)")
+    parser.add_argument("--batch-size", type=int, default=CPU_BATCH_SIZE)
     parser.add_argument("--limit", type=int, default=None, help="use at most this many images")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     fitter = PadimFitter(config, device="cpu")
     tag = {
         "backbone": args.backbone,
-        "d": args.channels,
+        "d": fitter.projector.out_channels,
         "batch": args.batch_size,
         "images": len(uris),
         "data": args.data,

@@ -11,6 +11,7 @@ from flows.params import check_product, open_store, parse_day
 from flows.score import score
 from padim.errors import PadimError
 from padim.products import configured_products, read_product_settings
+from padim.settings import ScoreSettings, default_of
 
 
 @flow(name="padim-nightly", validate_parameters=True)
@@ -19,7 +20,7 @@ def nightly(
     date: str | None = None,
     days_ago: int = 0,
     products: list[str] | None = None,
-    device: str = "auto",
+    device: str = default_of(ScoreSettings, "device"),
 ) -> dict[str, Any]:
     """Run the score flow for each product that has an ``incoming_url``.
 

@@ -9,6 +9,7 @@ from fsspec import AbstractFileSystem
 from padim.config import PadimConfig
 from padim.errors import ConfigError
 from padim.fsio import url_to_fs
+from padim.settings import default_of
 from padim.store import ModelStore, default_store_url, validate_product
 
 
@@ -87,12 +88,11 @@ def parse_day(value: str | date | None) -> date:
 
 
 def build_config(
-    backbone: str = "efficientnet_lite0",
+    backbone: str = default_of(PadimConfig, "backbone"),
     weights: str | None = None,
     channels: int | None = None,
     image_size: int | None = None,
     crop_size: int | None = None,
-    crop: bool = True,
     **extra: object,
 ) -> PadimConfig:
     """A validated model configuration from flat parameters (defaults from :class:`PadimConfig`).
@@ -100,10 +100,9 @@ def build_config(
     Args:
         backbone: Backbone name.
         weights: Weights file URL or ``"random"``.
-        channels: Embedding dimension.
-        image_size: Resize side.
-        crop_size: Centre-crop side.
-        crop: ``False`` disables the crop.
+        channels: Embedding dimension (``None``: the backbone's default).
+        image_size: Resize side (``None``: the configuration's default).
+        crop_size: Centre-crop side (``None``: no crop).
         **extra: Further :class:`PadimConfig` fields.
 
     Returns:
@@ -115,10 +114,7 @@ def build_config(
     values: dict[str, object] = {"backbone": backbone, "weights": weights, "channels": channels, **extra}
     if image_size is not None:
         values["image_size"] = image_size
-    if crop_size is not None:
-        values["crop_size"] = crop_size
-    if not crop:
-        values["crop_size"] = None
+    values["crop_size"] = crop_size
     try:
         return PadimConfig(**values)  # type: ignore[arg-type]
     except ValueError as exc:

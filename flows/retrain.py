@@ -8,11 +8,12 @@ from prefect import flow, get_run_logger
 
 from flows.params import check_folder, check_product, open_store
 from flows.runners import task_runner_from_env
-from flows.train import artifact_key, fit_and_publish, summarise_version
+from flows.train import artifact_key, failure_summary, fit_and_publish, summarise_version
 from padim.artifact import check_servable, read_training_images
 from padim.errors import ConfigError
 from padim.products import read_product_settings
-from padim.training import MIN_FIT_IMAGES, TrainingPlan, TrainSettings, plan_training
+from padim.settings import TrainSettings, default_of
+from padim.training import MIN_FIT_IMAGES, TrainingPlan, plan_training
 from tasks.events import MODEL_PUBLISHED, emit_event_task, publish_artifacts_task
 from tasks.storage import list_images_task
 
@@ -40,9 +41,9 @@ def retrain(
     normal_url: str | None = None,
     full: bool = False,
     store: str | None = None,
-    batch_size: int | None = None,
-    device: str = "auto",
-    shard_size: int = 1000,
+    batch_size: int | None = default_of(TrainSettings, "batch_size"),
+    device: str = default_of(TrainSettings, "device"),
+    shard_size: int = default_of(TrainSettings, "shard_size"),
 ) -> dict[str, Any]:
     """Update a product's model with new normal images and publish a new version.
 
@@ -60,7 +61,7 @@ def retrain(
             the folder it was trained from. An empty string counts as not given (event templates).
         full: Refit from scratch.
         store: Store root.
-        batch_size: Images per backbone batch (default: 32 on a CPU, more on a GPU).
+        batch_size: Images per backbone batch; ``None`` fits the device.
         device: ``auto``, ``cpu`` or ``cuda``.
         shard_size: Images per fit task.
 
@@ -79,8 +80,8 @@ def retrain(
         batch_size=batch_size,
         device=device,
         shard_size=shard_size,
-        image_fpr=float(thresholds.get("image_fpr", 0.01)),
-        pixel_fpr=float(thresholds.get("pixel_fpr", 0.001)),
+        image_fpr=float(thresholds.get("image_fpr", default_of(TrainSettings, "image_fpr"))),
+        pixel_fpr=float(thresholds.get("pixel_fpr", default_of(TrainSettings, "pixel_fpr"))),
     )
     product_settings = read_product_settings(model_store, product)
     source = normal_url or product_settings.landing_url or product_settings.normal_url
@@ -106,13 +107,12 @@ def retrain(
         )
         if published is None:
             return {"product": product, "status": "unchanged", "version": base_version, "n_new": 0, "reason": reason}
-    n_failed = sum(len(o.failed) for o in outcomes)
     emit_event_task(
         MODEL_PUBLISHED,
         product,
         {"version": published.version, "url": published.url, "n_train": published.n_train, "reason": reason},
     )
-    publish_artifacts_task(artifact_key("model", product), summarise_version(published, n_failed))
+    publish_artifacts_task(artifact_key("model", product), summarise_version(published))
     return {
         "product": product,
         "status": "published",
@@ -120,7 +120,7 @@ def retrain(
         "previous_version": base_version,
         "n_train": published.n_train,
         "n_new": sum(o.n_images for o in outcomes),
-        "n_failed": n_failed,
+        **failure_summary(published),
         "full": full,
         "reason": reason,
         "image_threshold": published.image_threshold,

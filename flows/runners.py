@@ -21,9 +21,11 @@ from typing import Any, Literal
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from padim.errors import ConfigError
+from padim.settings import RunnerSettings, default_of
 
 RunnerKind = Literal["threads", "dask"]
-DEFAULT_THREADS = 2
+DEFAULT_THREADS: int = default_of(RunnerSettings, "task_threads")
+DEFAULT_DASK_WORKERS: int = default_of(RunnerSettings, "dask_workers")
 
 
 def make_task_runner(kind: RunnerKind = "threads", address: str | None = None, workers: int | None = None) -> Any:
@@ -52,7 +54,7 @@ def make_task_runner(kind: RunnerKind = "threads", address: str | None = None, w
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(
         cluster_kwargs={
-            "n_workers": workers or 2,
+            "n_workers": workers or DEFAULT_DASK_WORKERS,
             "threads_per_worker": 1,
             "processes": True,
             "dashboard_address": None,
@@ -80,7 +82,10 @@ def task_runner_from_env() -> Any:
         A Prefect task runner (bounded threads when nothing is set).
     """
     kind = os.environ.get("PADIM_TASK_RUNNER", "threads").strip() or "threads"
-    workers = os.environ.get("PADIM_DASK_WORKERS") if kind == "dask" else os.environ.get("PADIM_TASK_THREADS")
+    variable = "PADIM_DASK_WORKERS" if kind == "dask" else "PADIM_TASK_THREADS"
+    workers = os.environ.get(variable, "").strip()
+    if workers and (not workers.isdigit() or int(workers) < 1):
+        raise ConfigError(f"{variable} must be a whole number of at least 1, got {workers!r}")
     return make_task_runner(kind, os.environ.get("PADIM_DASK_ADDRESS") or None, int(workers) if workers else None)  # type: ignore[arg-type]
 
 

@@ -12,8 +12,9 @@ from flows.params import build_config, check_folder, check_product, open_store
 from flows.runners import task_runner_from_env
 from padim.config import PadimConfig
 from padim.products import update_product_settings
+from padim.settings import TrainSettings, default_of
 from padim.store import ModelStore
-from padim.training import PublishedModel, ShardOutcome, TrainingPlan, TrainSettings, plan_training
+from padim.training import PublishedModel, ShardOutcome, TrainingPlan, plan_training
 from tasks.events import MODEL_PUBLISHED, emit_event_task, publish_artifacts_task
 from tasks.storage import list_images_task, remove_work_area_task
 from tasks.training import finalize_and_publish_task, fit_shard_task
@@ -72,8 +73,21 @@ def fit_and_publish(
             get_run_logger().warning("could not remove the work area %s (%s); delete it later", work, exc)
 
 
-def summarise_version(published: PublishedModel, failed: int = 0) -> str:
+FAILED_LISTED = 20
+"""Skipped training images listed by name in a run's result (all are logged)."""
+
+
+def failure_summary(published: PublishedModel) -> dict[str, Any]:
+    """``n_failed`` and the first :data:`FAILED_LISTED` skipped images with their reasons."""
+    return {
+        "n_failed": len(published.failed),
+        "failed": [{"uri": uri, "reason": reason} for uri, reason in published.failed[:FAILED_LISTED]],
+    }
+
+
+def summarise_version(published: PublishedModel) -> str:
     """Markdown summary of a published version."""
+    failed = len(published.failed)
     m = published.manifest
     return "\n".join(
         [
@@ -104,46 +118,50 @@ def train(
     product: str,
     normal_url: str,
     store: str | None = None,
-    backbone: str = "efficientnet_lite0",
+    backbone: str = default_of(PadimConfig, "backbone"),
     weights: str | None = None,
     channels: int | None = None,
-    image_size: int | None = None,
-    crop_size: int | None = None,
-    crop: bool = True,
-    batch_size: int | None = None,
-    device: str = "auto",
-    shard_size: int = 1000,
-    holdout_fraction: float = 0.1,
+    image_size: int = default_of(PadimConfig, "image_size"),
+    crop_size: int | None = default_of(PadimConfig, "crop_size"),
+    batch_size: int | None = default_of(TrainSettings, "batch_size"),
+    device: str = default_of(TrainSettings, "device"),
+    shard_size: int = default_of(TrainSettings, "shard_size"),
+    holdout_fraction: float = default_of(TrainSettings, "holdout_fraction"),
     calibration_url: str | None = None,
-    image_fpr: float = 0.01,
-    pixel_fpr: float = 0.001,
+    image_fpr: float = default_of(TrainSettings, "image_fpr"),
+    pixel_fpr: float = default_of(TrainSettings, "pixel_fpr"),
+    max_skipped_fraction: float = default_of(TrainSettings, "max_skipped_fraction"),
 ) -> dict[str, Any]:
     """Fit a product's model on normal images and publish it as a new version.
+
+    Every default comes from :class:`padim.config.PadimConfig` (the model) and
+    :class:`padim.settings.TrainSettings` (the job), the same place ``padim train`` reads them.
 
     Args:
         product: Product name (``^[a-z0-9][a-z0-9._-]{0,63}$``).
         normal_url: Folder (local or ``s3://``) of images of good parts.
         store: Store root; default ``$PADIM_STORE`` or ``./padim-store``.
-        backbone: ``efficientnet_lite0`` (default), ``resnet18`` or ``wide_resnet50_2``.
+        backbone: ``efficientnet_lite0``, ``resnet18`` or ``wide_resnet50_2``.
         weights: Backbone weights file (path or ``s3://``), ``"random"`` for tests.
-        channels: Embedding dimension ``d``.
-        image_size: Resize side (default 256).
-        crop_size: Centre-crop side (default 224).
-        crop: ``False`` to skip the crop.
-        batch_size: Images per backbone batch (default: 32 on a CPU, more on a GPU).
+        channels: Embedding dimension ``d``; ``None`` is the backbone's default.
+        image_size: Resize side.
+        crop_size: Centre-crop side after resizing; ``None`` inspects the whole resized image.
+        batch_size: Images per backbone batch; ``None`` fits the device.
         device: ``auto``, ``cpu`` or ``cuda``.
         shard_size: Images per fit task.
         holdout_fraction: Share of normal images held out to calibrate the threshold.
         calibration_url: Separate folder of normal images for calibration.
         image_fpr: Target false-positive rate of the image threshold.
         pixel_fpr: Target false-positive rate of the pixel threshold.
+        max_skipped_fraction: Largest share of unusable training images before nothing is published.
 
     Returns:
-        ``version``, ``n_train``, ``n_calibration``, ``n_failed``, thresholds and the version URL.
+        ``version``, ``n_train``, ``n_calibration``, ``n_failed`` (with the first reasons in
+        ``failed``), thresholds and the version URL.
     """
     logger = get_run_logger()
     check_product(product)
-    config = build_config(backbone, weights, channels, image_size, crop_size, crop)
+    config = build_config(backbone, weights, channels, image_size, crop_size)
     settings = TrainSettings(
         batch_size=batch_size,
         device=device,
@@ -152,6 +170,7 @@ def train(
         calibration_url=calibration_url,
         image_fpr=image_fpr,
         pixel_fpr=pixel_fpr,
+        max_skipped_fraction=max_skipped_fraction,
     )
     model_store = open_store(store)
     check_folder(normal_url, "normal images")
@@ -167,24 +186,25 @@ def train(
         len(plan.fit_shards),
         len(plan.holdout),
     )
-    published, outcomes = fit_and_publish(model_store, product, config, plan, settings)
+    published, _ = fit_and_publish(model_store, product, config, plan, settings)
     if published is None:  # only incremental refits can publish nothing
         raise RuntimeError("training published no model")
     update_product_settings(model_store, product, normal_url=normal_url)
-    n_failed = sum(len(o.failed) for o in outcomes)
+    for uri, reason in published.failed:
+        logger.warning("skipped %s: %s", uri, reason)
     emit_event_task(
         MODEL_PUBLISHED,
         product,
         {"version": published.version, "url": published.url, "n_train": published.n_train, "reason": "train"},
     )
-    publish_artifacts_task(artifact_key("model", product), summarise_version(published, n_failed))
+    publish_artifacts_task(artifact_key("model", product), summarise_version(published))
     return {
         "product": product,
         "version": published.version,
         "url": published.url,
         "n_train": published.n_train,
         "n_calibration": published.n_calibration,
-        "n_failed": n_failed,
+        **failure_summary(published),
         "image_threshold": published.image_threshold,
         "pixel_threshold": published.pixel_threshold,
     }

@@ -8,6 +8,8 @@ the paper and anomalib. The image score is the maximum of the map.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,7 +57,19 @@ class AnomalyMapGenerator(nn.Module):
         self.sigma = sigma
         kernel = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
         self.register_buffer("kernel", kernel, persistent=False)
-        self._operators: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
+        self._operators: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}  # a few (size, device, dtype)
+        self._operators_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, object]:
+        """State for copies: everything but the lock."""
+        state = dict(self.__dict__)
+        state.pop("_operators_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        """Restore a copy with a lock of its own."""
+        super().__setstate__(state)
+        self._operators_lock = threading.Lock()
 
     def axis_operator(self, size: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The ``(S, size)`` matrix that upsamples and blurs one axis of a grid of ``size``.
@@ -69,16 +83,17 @@ class AnomalyMapGenerator(nn.Module):
             ``A`` with ``A @ v = blur(upsample(v))`` for a 1-D signal ``v``.
         """
         key = (size, str(device), dtype)
-        if key not in self._operators:
-            basis = torch.eye(size, dtype=torch.float64).unsqueeze(1)  # (size, 1, size): unit signals
-            upsampled = F.interpolate(basis, size=self.output_size, mode="linear", align_corners=False)
-            if self.sigma > 0:
-                # Built on the host from sigma (the ``kernel`` buffer may live on the GPU), then moved.
-                kernel = gaussian_kernel1d(self.sigma).to(torch.float64)
-                half = kernel.numel() // 2
-                upsampled = F.conv1d(F.pad(upsampled, (half, half), mode="reflect"), kernel.view(1, 1, -1))
-            self._operators[key] = upsampled.squeeze(1).T.contiguous().to(device=device, dtype=dtype)
-        return self._operators[key]
+        with self._operators_lock:  # built once, then only read: threads share the generator
+            if key not in self._operators:
+                basis = torch.eye(size, dtype=torch.float64).unsqueeze(1)  # (size, 1, size): unit signals
+                upsampled = F.interpolate(basis, size=self.output_size, mode="linear", align_corners=False)
+                if self.sigma > 0:
+                    # Built on the host from sigma (the ``kernel`` buffer may live on the GPU), then moved.
+                    kernel = gaussian_kernel1d(self.sigma).to(torch.float64)
+                    half = kernel.numel() // 2
+                    upsampled = F.conv1d(F.pad(upsampled, (half, half), mode="reflect"), kernel.view(1, 1, -1))
+                self._operators[key] = upsampled.squeeze(1).T.contiguous().to(device=device, dtype=dtype)
+            return self._operators[key]
 
     def blur(self, maps: torch.Tensor) -> torch.Tensor:
         """Separable Gaussian blur with reflect padding.

@@ -297,9 +297,7 @@ def load_model(url: str, device: str | torch.device = "cpu", with_statistics: bo
         except PadimError as exc:
             raise IncompatibleModelError(f"model tensors do not match its configuration: {exc}") from exc
     if mean is None or factor is None or mean.shape != (h * w, d) or factor.shape != (h * w, d, d):
-        raise IncompatibleModelError(
-            f"model tensors do not match its configuration (expected mean ({h * w}, {d}))"
-        )
+        raise IncompatibleModelError(f"model tensors do not match its configuration (expected mean ({h * w}, {d}))")
     if accumulator is not None and (accumulator.num_positions, accumulator.dim) != (h * w, d):
         raise IncompatibleModelError(
             f"model statistics have P={accumulator.num_positions}, d={accumulator.dim}; "

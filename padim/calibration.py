@@ -27,6 +27,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from padim.model import Thresholds
+from padim.settings import TrainSettings, default_of
 
 __all__ = [
     "DEFAULT_IMAGE_FPR",
@@ -39,10 +40,10 @@ __all__ = [
 
 T = TypeVar("T")
 
-DEFAULT_IMAGE_FPR = 0.01
-"""Target image false-positive rate: 1 normal image in 100 flagged."""
+DEFAULT_IMAGE_FPR: float = default_of(TrainSettings, "image_fpr")
+"""Target image false-positive rate (:class:`~padim.settings.TrainSettings`): 1 normal image in 100 flagged."""
 
-DEFAULT_PIXEL_FPR = 0.001
+DEFAULT_PIXEL_FPR: float = default_of(TrainSettings, "pixel_fpr")
 """Target pixel false-positive rate (0.1% of normal pixels above the pixel threshold).
 
 Chosen by measurement (``BENCHMARKS.md``): at 0.1% the pixel F1 of the calibrated

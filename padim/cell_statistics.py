@@ -230,9 +230,7 @@ class CellStatistics:
             self._sum.append(torch.zeros(cells, c, dtype=torch.float64, device=device))
             self._vectors.append(torch.empty(cells, c, self.capacity, dtype=torch.float64, device=device))
         self._blocks = {}
-        for (g, (c_g, _)), (h, (c_h, side_h)) in itertools.combinations_with_replacement(
-            enumerate(layout.groups), 2
-        ):
+        for (g, (c_g, _)), (h, (c_h, side_h)) in itertools.combinations_with_replacement(enumerate(layout.groups), 2):
             cells_h = layout.cells(side_h)
             rows = layout.cells(layout.groups[g][1]) // cells_h * c_g
             self._blocks[g, h] = torch.zeros(cells_h, rows, c_h, dtype=torch.float64, device=device)

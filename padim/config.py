@@ -15,6 +15,10 @@ ChannelSelection = Literal["random", "semi_orthogonal", "all"]
 ResizeMode = Literal["square", "shorter_side"]
 CovarianceEstimator = Literal["fixed", "oas"]
 
+DEFAULT_CHANNELS: dict[str, int] = {"efficientnet_lite0": 176, "resnet18": 100, "wide_resnet50_2": 550}
+"""The embedding dimension ``d`` of each backbone when ``channels`` is unset: every channel of
+EfficientNet-Lite0 (the accuracy benchmark's winner), the paper's 100 and 550 for the ResNets."""
+
 
 class PadimConfig(BaseModel):
     """Everything that determines a fitted model besides its training images.
@@ -31,8 +35,8 @@ class PadimConfig(BaseModel):
             path or ``s3://`` URI of a weights file, or ``"random"`` for an explicit random
             initialisation (tests and benchmarks only).
         channels: Number ``d`` of embedding channels kept; ``None`` uses the backbone's
-            default (all 176 for EfficientNet-Lite0; the paper's 100 for ResNet18 and 550 for
-            WideResNet50). A random subset of all ``D`` channels is all of them, in order.
+            default (:data:`DEFAULT_CHANNELS`). A random subset of all ``D`` channels is all of
+            them, in order.
         channel_selection: ``"random"`` (the paper: a seeded random subset of ``d`` channels),
             ``"semi_orthogonal"`` (a seeded random ``D x d`` semi-orthogonal projection,
             Kim et al. 2021) or ``"all"`` (keep every channel).
@@ -66,13 +70,9 @@ class PadimConfig(BaseModel):
     @model_validator(mode="after")
     def _check_crop(self) -> PadimConfig:
         if self.crop_size is not None and self.crop_size > self.image_size:
-            raise ValueError(
-                f"crop_size ({self.crop_size}) cannot exceed image_size ({self.image_size})"
-            )
+            raise ValueError(f"crop_size ({self.crop_size}) cannot exceed image_size ({self.image_size})")
         if self.resize_mode == "shorter_side" and self.crop_size is None:
-            raise ValueError(
-                "resize_mode 'shorter_side' needs a crop_size so that every image has the same shape"
-            )
+            raise ValueError("resize_mode 'shorter_side' needs a crop_size so that every image has the same shape")
         radius = int(4.0 * self.blur_sigma + 0.5)  # the blur kernel's half width (reflect padding)
         if self.blur_sigma > 0 and radius >= self.input_size:
             raise ValueError(

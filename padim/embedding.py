@@ -162,6 +162,32 @@ class EmbeddingProjector(nn.Module):
             selected.append(picked.permute(0, 3, 1, 2))
         return selected
 
+    def embed_stages(self, stage_maps: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+        """Build the embedding from the kept channels of each stage (:meth:`select_stages`).
+
+        Equal to :meth:`forward` on the tapped maps the stage maps were selected from.
+
+        Args:
+            stage_maps: Shapes ``(B, c_i, H_i, W_i)``, in output channel order.
+            grid: ``(H, W)`` of the patch grid (the first tap's resolution).
+
+        Returns:
+            Embedding of shape ``(B, d, H, W)`` in channels-last memory format.
+
+        Raises:
+            ValueError: If the maps do not hold ``d`` channels in all.
+        """
+        total = sum(int(m.shape[1]) for m in stage_maps)
+        if not stage_maps or total != self.out_channels:
+            raise ValueError(f"stage maps hold {total} channels; this embedding has {self.out_channels}")
+        first = stage_maps[0]
+        out = torch.empty(first.shape[0], *grid, total, dtype=first.dtype, device=first.device)
+        offset = 0
+        for stage in stage_maps:
+            _place_upsampled(out, stage.permute(0, 2, 3, 1), offset)
+            offset += int(stage.shape[1])
+        return out.permute(0, 3, 1, 2)
+
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Build the embedding.
 

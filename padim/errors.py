@@ -40,6 +40,27 @@ class StoreError(PadimError):
     """The model store or the report store cannot complete an operation."""
 
 
+class ImageReadError(StoreError):
+    """Storage could not deliver an image's bytes (network, endpoint or I/O fault), after retries.
+
+    Unlike :class:`ImageDecodeError` this says nothing about the file: the work that needed it
+    fails (and its task is retried) instead of recording the image as bad.
+    """
+
+    def __init__(self, uri: str, reason: str) -> None:
+        super().__init__(f"could not read {uri}: {reason}")
+        self.uri = uri
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        """Rebuild from ``(uri, reason)`` (Dask sends exceptions between processes)."""
+        return (type(self), (self.uri, self.reason))
+
+
+class IncompleteRunError(PadimError):
+    """Part of a run's work failed after its retries (the rest was done and kept); re-run it."""
+
+
 class InvalidProductNameError(PadimError, ValueError):
     """A product name is not a safe identifier (it would escape the store layout)."""
 

@@ -7,11 +7,13 @@ Layout (local folder or any fsspec URL)::
     DATASET/test/<kind>/*                              defective test images
     DATASET/ground_truth/<kind>/<stem>_mask.png        their masks (> 0 = defect)
 
-:func:`evaluate_dataset` does what training does (fit on ``train/good`` minus a calibration
-hold-out, calibrate the thresholds on the hold-out, merge the hold-out into the statistics),
-then scores every test image and computes the metrics of :mod:`padim.metrics` at the model's
-input resolution: every mask goes through the same resize and centre crop as its image (nearest
-neighbour), see :func:`padim.preprocessing.compute_geometry`.
+:func:`evaluate_dataset` runs exactly what ``padim train`` and ``padim score`` run - the same
+hold-out split (:func:`padim.training.plan_training`), the same fit (:func:`padim.engine.fit_images`),
+the same calibration and merge (:func:`padim.training.calibrate_and_merge`) and the same scoring
+(:func:`padim.engine.score_images`), with the same defaults (:class:`padim.settings.TrainSettings`)
+- then computes the metrics of :mod:`padim.metrics` at the model's input resolution: every mask
+goes through the same resize and centre crop as its image (nearest neighbour), see
+:func:`padim.preprocessing.compute_geometry`.
 
 :func:`run_evaluation` returns the raw arrays (scores, maps, masks, hold-out scores) for studies
 such as ``benchmarks/accuracy.py``; :func:`summarize` turns them into an
@@ -27,21 +29,18 @@ import math
 import resource
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from padim.anomaly_map import image_scores
-from padim.calibration import DEFAULT_IMAGE_FPR, DEFAULT_PIXEL_FPR, calibrate_thresholds, split_holdout
 from padim.config import PadimConfig
+from padim.engine import fit_images, score_images
 from padim.errors import PadimError
 from padim.fsio import join_url, to_url, url_to_fs
-from padim.images import ImageRecord, iter_batches, list_images, load_pil
+from padim.images import list_images, load_pil
 from padim.metrics import (
     PixelCurve,
     RocPoints,
@@ -51,15 +50,14 @@ from padim.metrics import (
     rates_at_threshold,
     roc_points,
 )
-from padim.model import PadimFitter, PadimModel, Thresholds, build_model
+from padim.model import PadimModel, Thresholds, auto_batch_size, build_model
 from padim.preprocessing import compute_geometry
-from padim.statistics import GaussianAccumulator
+from padim.settings import TrainSettings
+from padim.training import calibrate_and_merge, plan_training
 from padim.visualize import render_panel
 
 __all__ = [
     "AUPRO_FPR_LIMIT",
-    "DEFAULT_HOLDOUT_FRACTION",
-    "DEFAULT_MIN_HOLDOUT",
     "NORMAL_KIND",
     "DatasetLayout",
     "DatasetLayoutError",
@@ -80,8 +78,6 @@ logger = logging.getLogger(__name__)
 
 NORMAL_KIND = "good"
 AUPRO_FPR_LIMIT = 0.3
-DEFAULT_HOLDOUT_FRACTION = 0.2
-DEFAULT_MIN_HOLDOUT = 10
 
 
 class DatasetLayoutError(PadimError, ValueError):
@@ -298,97 +294,86 @@ class EvaluationRun:
         return [image.kind for image in self.test]
 
 
-def _batches(
-    uris: list[str], fitter: PadimFitter, batch_size: int, *, strict: bool
-) -> Iterator[tuple[list[ImageRecord], torch.Tensor, int]]:
-    """Decode, preprocess and embed images in batches.
-
-    Yields:
-        ``(records, embeddings (B, d, h, w), n_failed)`` per batch with at least one good image.
-
-    Raises:
-        DatasetLayoutError: In ``strict`` mode, when an image cannot be decoded.
-    """
-    for batch in iter_batches(uris, fitter.preprocessor(), batch_size):
-        if batch.failed:
-            reasons = "; ".join(f"{record.uri}: {record.error}" for record in batch.failed)
-            if strict:
-                raise DatasetLayoutError(f"cannot evaluate, test images failed to load: {reasons}")
-            logger.warning("skipping %d training image(s): %s", len(batch.failed), reasons)
-        if batch.images is not None:
-            yield batch.records, fitter.embed(batch.images), len(batch.failed)
-
-
-def _maps_and_scores(model: PadimModel, embeddings: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Anomaly maps ``(B, S, S)`` and scores ``(B,)`` as float32 numpy arrays."""
-    maps = model.anomaly_maps_from_embeddings(embeddings)
-    return maps.cpu().numpy().astype(np.float32, copy=False), image_scores(maps).cpu().numpy().astype(np.float32)
-
-
-def _fit(uris: list[str], fitter: PadimFitter, batch_size: int) -> tuple[int, int]:
-    """Accumulate the statistics of ``uris``; returns ``(n_decoded, n_failed)``."""
-    decoded = failed = 0
-    for records, embeddings, n_failed in _batches(uris, fitter, batch_size, strict=False):
-        fitter.accumulator.update(embeddings)
-        decoded += len(records)
-        failed += n_failed
-    return decoded, failed
-
-
-def _score_holdout(
-    uris: list[str], fitter: PadimFitter, model: PadimModel, batch_size: int
-) -> tuple[np.ndarray, np.ndarray, GaussianAccumulator, int]:
-    """Score the held-out images with the fit-set model and accumulate their statistics.
+def _fit_and_calibrate(
+    train: list[str], config: PadimConfig, settings: TrainSettings, merge_holdout: bool
+) -> tuple[PadimModel, PadimModel | None, Any, int, int]:
+    """Fit and calibrate exactly as the train flow does (one shard: merging shards is exact).
 
     Returns:
-        ``(scores (H,), maps (H, S, S), accumulator of the hold-out, n_failed)``.
+        ``(model, provisional model or None, calibration or None, n_fit, n_skipped)``.
     """
-    accumulator = GaussianAccumulator(fitter.accumulator.num_positions, fitter.accumulator.dim, device=fitter.device)
-    scores: list[np.ndarray] = []
-    maps: list[np.ndarray] = []
-    failed = 0
-    for _, embeddings, n_failed in _batches(uris, fitter, batch_size, strict=False):
-        accumulator.update(embeddings)
-        batch_maps, batch_scores = _maps_and_scores(model, embeddings)
-        maps.append(batch_maps)
-        scores.append(batch_scores)
-        failed += n_failed
-    if not scores:
-        raise DatasetLayoutError("no held-out normal image could be decoded for calibration")
-    return np.concatenate(scores), np.concatenate(maps), accumulator, failed
+    if settings.holdout_fraction > 0 or settings.calibration_url:
+        plan = plan_training(train, settings)
+        fit_uris, holdout = [uri for shard in plan.fit_shards for uri in shard], plan.holdout
+    else:  # the paper protocol: every image fitted, nothing calibrated
+        fit_uris, holdout = list(train), []
+    fitted = fit_images(fit_uris, config, batch_size=settings.batch_size, device=settings.device, path=settings.path)
+    for record in fitted.failed:
+        logger.warning("skipping training image %s: %s", record.uri, record.error)
+    n_fit, n_skipped = len(fitted.fitted), len(fitted.failed)
+    if not holdout:
+        model = build_model(
+            config, fitted.accumulator, weights_sha256=fitted.weights_sha256, keep_statistics=False, path=settings.path
+        )
+        return model, None, None, n_fit, n_skipped
+    images = [(r.uri, r.sha256 or "") for r in fitted.fitted]
+    calibrated = calibrate_and_merge(
+        config, fitted.accumulator, fitted.weights_sha256, images, holdout, settings, merge=merge_holdout
+    )
+    n_skipped += len(calibrated.calibration.failed)
+    provisional = calibrated.provisional if calibrated.provisional is not calibrated.model else None
+    return calibrated.model, provisional, calibrated.calibration, n_fit, n_skipped
+
+
+def score_test_images(
+    model: PadimModel, test: list[TestImage], settings: TrainSettings
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """Score test images with :func:`padim.engine.score_images` (what production runs).
+
+    Args:
+        model: The model.
+        test: The test images.
+        settings: Batch size.
+
+    Returns:
+        ``(scores (N,) float32, maps (N, S, S) float32, original (width, height) of each image)``.
+
+    Raises:
+        DatasetLayoutError: If a test image cannot be scored.
+    """
+    side = model.config.input_size
+    scores = np.empty(len(test), dtype=np.float32)
+    maps = np.empty((len(test), side, side), dtype=np.float32)
+    sizes: list[tuple[int, int]] = []
+    uris = [image.uri for image in test]
+    for row, result in enumerate(score_images(model, uris, batch_size=settings.batch_size, keep_maps="all")):
+        if not result.ok or result.anomaly_map is None or result.score is None:
+            raise DatasetLayoutError(f"cannot evaluate, test image failed: {result.record.uri}: {result.record.error}")
+        scores[row], maps[row] = result.score, result.anomaly_map
+        sizes.append((result.record.width or 0, result.record.height or 0))
+    return scores, maps, sizes
 
 
 def run_evaluation(
     dataset_dir: str | Path,
     config: PadimConfig | None = None,
+    settings: TrainSettings | None = None,
     *,
-    holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
-    min_holdout: int = DEFAULT_MIN_HOLDOUT,
-    image_fpr: float = DEFAULT_IMAGE_FPR,
-    pixel_fpr: float = DEFAULT_PIXEL_FPR,
     merge_holdout: bool = True,
     compare_unmerged: bool = False,
-    batch_size: int = 32,
-    device: str = "cpu",
-    seed: int = 0,
 ) -> EvaluationRun:
     """Fit with a calibration hold-out, calibrate, score the test set; keep the raw arrays.
 
     Args:
         dataset_dir: MVTec-layout data set (local folder or fsspec URL).
         config: Model options (default :class:`PadimConfig()`).
-        holdout_fraction: Fraction of ``train/good`` held out for calibration; 0 fits on every
-            training image and calibrates nothing (the paper protocol).
-        min_holdout: Hold out at least this many images when ``holdout_fraction > 0``.
-        image_fpr: Target image false-positive rate of the calibrated threshold.
-        pixel_fpr: Target pixel false-positive rate of the calibrated pixel threshold.
-        merge_holdout: Merge the hold-out into the final statistics after calibrating (then the
-            final model is fitted on every training image, as the paper protocol).
-        compare_unmerged: Also keep the test scores of the fit-set-only model (same embeddings,
-            no extra backbone pass) to measure the effect of merging.
-        batch_size: Images per batch.
-        device: Compute device.
-        seed: Seed of the hold-out split.
+        settings: How to fit and calibrate (default :class:`TrainSettings()`, what ``padim train``
+            uses): batch size, device, hold-out share (0 fits on every training image and
+            calibrates nothing: the paper protocol), target rates, seed, compute path.
+        merge_holdout: Merge the hold-out into the final statistics after calibrating (what
+            training publishes).
+        compare_unmerged: Also keep the test scores of the fit-set-only model (one more pass over
+            the test images) to measure the effect of merging.
 
     Returns:
         The raw arrays and timings.
@@ -396,40 +381,28 @@ def run_evaluation(
     Raises:
         DatasetLayoutError: If the data set is not in the MVTec layout or a test image or mask
             cannot be read.
-        ValueError: If an option is invalid.
+        PadimError: If calibration fails (no held-out image could be scored, degenerate thresholds).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     config = config or PadimConfig()
+    settings = settings or TrainSettings()
     layout = discover_layout(dataset_dir)
-    split = split_holdout(layout.train, holdout_fraction, min_holdout, seed)
 
     start = time.perf_counter()
-    fitter = PadimFitter(config, device)
-    n_fit, n_skipped = _fit(split.fit, fitter, batch_size)
-    side = config.input_size
-    holdout_scores = np.zeros(0, dtype=np.float32)
-    holdout_maps = np.zeros((0, side, side), dtype=np.float32)
-    thresholds: Thresholds | None = None
-    unmerged: PadimModel | None = None
-    if split.holdout:
-        fit_model = build_model(fitter, keep_statistics=False)
-        holdout_scores, holdout_maps, holdout_acc, failed = _score_holdout(split.holdout, fitter, fit_model, batch_size)
-        n_skipped += failed
-        thresholds = calibrate_thresholds(holdout_scores, holdout_maps, image_fpr, pixel_fpr)
-        if merge_holdout:
-            fitter.accumulator.merge(holdout_acc)
-            model = build_model(fitter, thresholds=thresholds, keep_statistics=False)
-            unmerged = fit_model if compare_unmerged else None
-        else:
-            model, fit_model.thresholds = fit_model, thresholds
-    else:
-        model = build_model(fitter, keep_statistics=False)
+    model, provisional, calibration, n_fit, n_skipped = _fit_and_calibrate(
+        layout.train, config, settings, merge_holdout
+    )
     fit_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    scores, maps, masks, unmerged_scores, unmerged_good = _score_test(layout.test, fitter, model, unmerged, batch_size)
+    scores, maps, sizes = score_test_images(model, layout.test, settings)
     score_seconds = time.perf_counter() - start
+    masks = np.stack([load_mask(image.mask_uri, size, config) for image, size in zip(layout.test, sizes, strict=True)])
+    unmerged_scores = unmerged_good = None
+    if compare_unmerged and provisional is not None:
+        unmerged_scores, unmerged_maps, _ = score_test_images(provisional, layout.test, settings)
+        good = np.array([not image.anomalous for image in layout.test], dtype=bool)
+        unmerged_good = unmerged_maps[good]
+    side = config.input_size
     return EvaluationRun(
         dataset=layout.root,
         config=config,
@@ -437,57 +410,21 @@ def run_evaluation(
         scores=scores,
         maps=maps,
         masks=masks,
-        thresholds=thresholds,
-        holdout_scores=holdout_scores,
-        holdout_maps=holdout_maps,
-        holdout_merged=bool(split.holdout) and merge_holdout,
+        thresholds=calibration.thresholds if calibration is not None else None,
+        holdout_scores=calibration.scores.astype(np.float32) if calibration is not None else np.zeros(0, np.float32),
+        holdout_maps=calibration.maps if calibration is not None else np.zeros((0, side, side), np.float32),
+        holdout_merged=calibration is not None and merge_holdout,
         unmerged_scores=unmerged_scores,
         unmerged_good_maps=unmerged_good,
-        n_train=n_fit + len(holdout_scores),
+        n_train=n_fit + (len(calibration.scored) if calibration is not None else 0),
         n_fit=n_fit,
         n_skipped=n_skipped,
         fit_seconds=fit_seconds,
         score_seconds=score_seconds,
         peak_rss_mb=peak_rss_mb(),
-        device=str(fitter.device),
-        batch_size=batch_size,
+        device=str(model.mean.device),
+        batch_size=settings.batch_size or auto_batch_size(config, model.mean.device),
     )
-
-
-def _score_test(
-    test: list[TestImage],
-    fitter: PadimFitter,
-    model: PadimModel,
-    unmerged: PadimModel | None,
-    batch_size: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Score every test image and load its mask.
-
-    Returns:
-        ``(scores (N,), maps (N, S, S), masks (N, S, S), unmerged scores (N,) | None,
-        unmerged maps of the good images (G, S, S) | None)``.
-    """
-    side = model.config.input_size
-    n = len(test)
-    scores = np.empty(n, dtype=np.float32)
-    maps = np.empty((n, side, side), dtype=np.float32)
-    masks = np.empty((n, side, side), dtype=bool)
-    other_scores = np.empty(n, dtype=np.float32) if unmerged is not None else None
-    other_good: list[np.ndarray] = []
-    row = 0
-    for records, embeddings, _ in _batches([image.uri for image in test], fitter, batch_size, strict=True):
-        batch_maps, batch_scores = _maps_and_scores(model, embeddings)
-        stop = row + len(records)
-        maps[row:stop], scores[row:stop] = batch_maps, batch_scores
-        for offset, record in enumerate(records):
-            image = test[row + offset]
-            masks[row + offset] = load_mask(image.mask_uri, (record.width or 0, record.height or 0), model.config)
-        if unmerged is not None and other_scores is not None:
-            other_maps, other_scores[row:stop] = _maps_and_scores(unmerged, embeddings)
-            other_good.extend(m for m, image in zip(other_maps, test[row:stop], strict=True) if not image.anomalous)
-        row = stop
-    good_maps = np.stack(other_good) if other_good else None
-    return scores, maps, masks, other_scores, good_maps
 
 
 @dataclass
@@ -633,8 +570,19 @@ def summarize(run: EvaluationRun) -> EvaluationResult:
     image_best = f1_max(labels, run.scores)
     pixel_best = curve.f1_max()
     calibrated: dict[str, float | None] = dict.fromkeys(
-        ("threshold", "image_fpr_target", "precision", "recall", "fpr", "pixel_threshold", "pixel_fpr_target",
-         "pixel_precision", "pixel_recall", "pixel_fpr", "pixel_fpr_all_normal"),
+        (
+            "threshold",
+            "image_fpr_target",
+            "precision",
+            "recall",
+            "fpr",
+            "pixel_threshold",
+            "pixel_fpr_target",
+            "pixel_precision",
+            "pixel_recall",
+            "pixel_fpr",
+            "pixel_fpr_all_normal",
+        ),
         None,
     )
     if run.thresholds is not None:
@@ -776,14 +724,9 @@ def _write_roc_figures(result: EvaluationResult, out: Path) -> list[Path]:
 def evaluate_dataset(
     dataset_dir: str | Path,
     config: PadimConfig | None = None,
+    settings: TrainSettings | None = None,
     *,
-    holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
-    min_holdout: int = DEFAULT_MIN_HOLDOUT,
-    image_fpr: float = DEFAULT_IMAGE_FPR,
-    pixel_fpr: float = DEFAULT_PIXEL_FPR,
     merge_holdout: bool = True,
-    batch_size: int = 32,
-    device: str = "cpu",
     figures_dir: str | Path | None = None,
     roc: bool = False,
 ) -> EvaluationResult:
@@ -792,14 +735,9 @@ def evaluate_dataset(
     Args:
         dataset_dir: MVTec-layout data set (local folder or fsspec URL).
         config: Model options (default :class:`PadimConfig()`).
-        holdout_fraction: Fraction of the training images held out to calibrate the thresholds
-            (then merged back, see ``merge_holdout``); 0 disables calibration.
-        min_holdout: Hold out at least this many images when ``holdout_fraction > 0``.
-        image_fpr: Target image false-positive rate of the calibrated threshold.
-        pixel_fpr: Target pixel false-positive rate of the calibrated pixel threshold.
+        settings: How to fit and calibrate (default :class:`TrainSettings()`, as ``padim train``);
+            ``holdout_fraction=0`` disables calibration.
         merge_holdout: Merge the hold-out into the final statistics after calibrating.
-        batch_size: Images per batch.
-        device: Compute device (``"cpu"``, ``"cuda"``, ``"auto"``).
         figures_dir: When set, write a heat-map panel per test image there.
         roc: Also write ``roc_image.png`` and ``roc_pixel.png`` (needs ``figures_dir``).
 
@@ -813,17 +751,7 @@ def evaluate_dataset(
     """
     if roc and figures_dir is None:
         raise ValueError("roc=True needs figures_dir: the ROC curves are written there")
-    run = run_evaluation(
-        dataset_dir,
-        config,
-        holdout_fraction=holdout_fraction,
-        min_holdout=min_holdout,
-        image_fpr=image_fpr,
-        pixel_fpr=pixel_fpr,
-        merge_holdout=merge_holdout,
-        batch_size=batch_size,
-        device=device,
-    )
+    run = run_evaluation(dataset_dir, config, settings, merge_holdout=merge_holdout)
     result = summarize(run)
     if figures_dir is not None:
         write_figures(run, result, figures_dir, roc=roc)

@@ -1,8 +1,12 @@
 """Image sources: listing image folders on any fsspec URL, robust decoding and background loading.
 
-Every image is identified by its URI and the sha256 of its raw bytes. A file that cannot be read
-or decoded never stops a run: it comes back as an :class:`ImageRecord` whose ``error`` holds a
-short human reason (the table is in ``docs/storage.md``).
+Every image is identified by its URI and the sha256 of its raw bytes. A file that cannot be
+decoded (or that is gone, a folder, or unreadable for its permissions) never stops a run: it comes
+back as an :class:`ImageRecord` whose ``error`` holds a short human reason (the table is in
+``docs/storage.md``). A *storage* fault - the endpoint unreachable, a timeout, an I/O error - says
+nothing about the file: the read is retried (:data:`READ_ATTEMPTS`), and if it still fails an
+:class:`~padim.errors.ImageReadError` stops the work that needed the image, so its task is retried
+and, failing that, the run fails and names the images it could not score.
 
 Decoding policy (what :func:`decode_image` returns is always an 8-bit ``RGB`` PIL image):
 
@@ -35,6 +39,7 @@ import contextlib
 import hashlib
 import io
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,7 +49,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from padim.errors import ConfigError, ImageDecodeError, ImageSourceError
+from padim.errors import ConfigError, ImageDecodeError, ImageReadError, ImageSourceError
 from padim.fsio import to_url, url_to_fs
 
 __all__ = [
@@ -53,6 +58,7 @@ __all__ = [
     "SUPPORTED_FORMATS",
     "ImageRecord",
     "LoadedBatch",
+    "SkipRule",
     "Transform",
     "decode_image",
     "default_num_workers",
@@ -66,6 +72,12 @@ __all__ = [
 DEFAULT_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "bmp", "tif", "tiff")
 """File extensions :func:`list_images` keeps by default (matched case-insensitively)."""
 
+READ_ATTEMPTS = 3
+"""Reads of one file before a storage fault fails the work (waits of 0.5 s, then 1 s, in between)."""
+
+READ_RETRY_WAIT_S = 0.5
+"""First wait before re-reading after a storage fault (doubled each time)."""
+
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 """Largest accepted declared width x height (67,108,864 pixels, e.g. 8192 x 8192)."""
 
@@ -74,6 +86,9 @@ SUPPORTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "DIB", "TIFF")
 
 Transform = Callable[[Image.Image], torch.Tensor]
 """Caller-supplied preprocessing: RGB PIL image -> tensor ``(3, H, W)`` (float32 expected)."""
+
+SkipRule = Callable[[str, str], bool]
+"""``skip(uri, sha256)``: True to leave a read and hashed image out without decoding it."""
 
 _HIGH_DEPTH_16 = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
@@ -101,7 +116,9 @@ class ImageRecord:
         sha256: Hex sha256 of the raw file bytes; None when the file could not be read at all.
         width: Width in pixels after EXIF orientation; None when decoding failed.
         height: Height in pixels after EXIF orientation; None when decoding failed.
-        error: Short human reason why the image was skipped; None for a good image.
+        error: Short human reason why the image could not be used; None for a good image.
+        skipped: True when the caller's ``skip`` rule matched the image after it was read and
+            hashed (already scored, already in the model): it was not decoded.
     """
 
     uri: str
@@ -109,11 +126,12 @@ class ImageRecord:
     width: int | None = None
     height: int | None = None
     error: str | None = None
+    skipped: bool = False
 
     @property
     def ok(self) -> bool:
         """True when the image was read and decoded."""
-        return self.error is None
+        return self.error is None and not self.skipped
 
 
 @dataclass
@@ -125,12 +143,14 @@ class LoadedBatch:
         images: Stacked transform outputs, shape ``(B, 3, H, W)`` with ``B == len(records)``
             (dtype as produced by the transform, float32 expected); **None when every image of
             the batch failed** (``records`` is then empty).
-        failed: The images of this batch that were skipped, in input order, each with ``error``.
+        failed: The images of this batch that could not be used, in input order, each with ``error``.
+        skipped: The images the ``skip`` rule left out after hashing them, in input order.
     """
 
     records: list[ImageRecord]
     images: torch.Tensor | None
     failed: list[ImageRecord] = field(default_factory=list)
+    skipped: list[ImageRecord] = field(default_factory=list)
 
     def __len__(self) -> int:
         """Number of good images (rows of ``images``)."""
@@ -434,21 +454,30 @@ def _scale_by_range(values: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def read_image(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[ImageRecord, Image.Image | None]:
+def read_image(
+    uri: str, max_pixels: int = DEFAULT_MAX_PIXELS, skip: SkipRule | None = None
+) -> tuple[ImageRecord, Image.Image | None]:
     """Read, hash and decode one image without raising for bad files.
 
     Args:
         uri: Image URI.
         max_pixels: Largest accepted declared ``width * height``.
+        skip: Optional rule applied to ``(uri, sha256)`` before decoding (see :data:`SkipRule`).
 
     Returns:
-        ``(record, image)``: ``image`` is the RGB PIL image, or None with ``record.error`` set.
+        ``(record, image)``: ``image`` is the RGB PIL image, or None with ``record.error`` set
+        (or ``record.skipped``).
+
+    Raises:
+        ImageReadError: Storage could not deliver the bytes after :data:`READ_ATTEMPTS` reads.
     """
     try:
         data = _read_raw(uri)
     except ImageDecodeError as exc:
         return ImageRecord(uri=uri, error=_reason_of(exc)), None
     digest = hashlib.sha256(data).hexdigest()
+    if skip is not None and skip(uri, digest):
+        return ImageRecord(uri=uri, sha256=digest, skipped=True), None
     try:
         image = decode_image(data, uri, max_pixels)
     except ImageDecodeError as exc:
@@ -458,7 +487,7 @@ def read_image(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[ImageRec
 
 
 def read_image_record(
-    uri: str, transform: Transform, max_pixels: int = DEFAULT_MAX_PIXELS
+    uri: str, transform: Transform, max_pixels: int = DEFAULT_MAX_PIXELS, skip: SkipRule | None = None
 ) -> tuple[ImageRecord, torch.Tensor | None]:
     """Read, hash, decode and transform one image without raising for bad files.
 
@@ -466,12 +495,20 @@ def read_image_record(
         uri: Image URI.
         transform: RGB PIL image -> tensor ``(3, H, W)``.
         max_pixels: Largest accepted declared ``width * height``.
+        skip: Optional rule applied to ``(uri, sha256)`` once the bytes are read: a match is
+            returned with ``skipped=True`` and is not decoded.
 
     Returns:
         ``(record, tensor)``: ``tensor`` has shape ``(3, H, W)``, or is None with ``record.error``
-        set (a transform that raises is reported as ``"transform failed: ..."``).
+        set (a transform that raises is reported as ``"transform failed: ..."``) or
+        ``record.skipped`` set.
+
+    Raises:
+        ImageReadError: Storage could not deliver the bytes (see :func:`read_image`).
     """
-    record, image = read_image(uri, max_pixels)
+    record, image = read_image(uri, max_pixels, skip)
+    if record.skipped:
+        return record, None
     if image is None:
         return record, None
     try:
@@ -507,18 +544,36 @@ def load_pil(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
 
 
 def _read_raw(uri: str) -> bytes:
-    """Read a file's bytes, turning every read failure into an ImageDecodeError."""
-    try:
-        fs, path = url_to_fs(uri)
-        return fs.cat_file(path)
-    except IsADirectoryError as exc:
-        raise _decode_error(uri, "is a folder, not a file") from exc
-    except PermissionError as exc:
-        raise _decode_error(uri, "permission denied") from exc
-    except FileNotFoundError as exc:
-        raise _decode_error(uri, "file not found (removed after listing?)") from exc
-    except Exception as exc:
-        raise _decode_error(uri, f"read failed ({type(exc).__name__}: {_describe(exc)})") from exc
+    """Read a file's bytes.
+
+    What is a property of the file becomes an :class:`ImageDecodeError` (the image gets an error
+    row): it is a folder, it is gone, or - on a local disk - its permissions forbid reading. Any
+    other failure is a storage fault: the read is retried, then :class:`ImageReadError` is raised.
+
+    Raises:
+        ImageDecodeError: The file itself cannot be read.
+        ImageReadError: Storage failed :data:`READ_ATTEMPTS` times.
+    """
+    fs, path = url_to_fs(uri)
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    wait = READ_RETRY_WAIT_S
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            return fs.cat_file(path)
+        except IsADirectoryError as exc:
+            raise _decode_error(uri, "is a folder, not a file") from exc
+        except FileNotFoundError as exc:
+            raise _decode_error(uri, "file not found (removed after listing?)") from exc
+        except PermissionError as exc:
+            if local:
+                raise _decode_error(uri, "permission denied") from exc
+            fault: Exception = exc  # remote access denied: credentials or policy, not the file
+        except Exception as exc:
+            fault = exc
+        if attempt < READ_ATTEMPTS:
+            time.sleep(wait)
+            wait *= 2
+    raise ImageReadError(uri, f"{type(fault).__name__}: {_describe(fault)}") from fault
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,6 +594,7 @@ def iter_batches(
     prefetch: int = 2,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     pin_memory: bool = False,
+    skip: SkipRule | None = None,
 ) -> Iterator[LoadedBatch]:
     """Load images in background threads and yield them as stacked batches, in input order.
 
@@ -557,6 +613,8 @@ def iter_batches(
         max_pixels: Largest accepted declared ``width * height`` per image.
         pin_memory: Pin the stacked tensor in page-locked memory (only when CUDA is available)
             for faster, asynchronous host-to-device copies.
+        skip: Optional rule on ``(uri, sha256)``: matching images are read and hashed but not
+            decoded, and come back in ``LoadedBatch.skipped``.
 
     Yields:
         One :class:`LoadedBatch` per ``batch_size`` input URIs: ``images`` of shape
@@ -565,6 +623,7 @@ def iter_batches(
     Raises:
         ConfigError: A non-positive ``batch_size``/``num_workers`` or negative ``prefetch``, or
             transform outputs whose shapes differ within a batch (a bug in the transform).
+        ImageReadError: Storage could not deliver an image (raised when its batch is reached).
     """
     workers = default_num_workers() if num_workers is None else num_workers
     _check_loader_args(batch_size, workers, prefetch)
@@ -577,7 +636,7 @@ def iter_batches(
         chunk = next(chunks, None)
         if chunk is None:
             return
-        futures = [decode_pool.submit(read_image_record, uri, transform, max_pixels) for uri in chunk]
+        futures = [decode_pool.submit(read_image_record, uri, transform, max_pixels, skip) for uri in chunk]
         pending.append((futures, collate_pool.submit(_collate, futures, pin_memory)))
 
     try:
@@ -630,9 +689,12 @@ def _collate(futures: list[Future], pin_memory: bool) -> LoadedBatch:
     records: list[ImageRecord] = []
     tensors: list[torch.Tensor] = []
     failed: list[ImageRecord] = []
+    skipped: list[ImageRecord] = []
     for future in futures:
         record, tensor = future.result()
-        if tensor is None:
+        if record.skipped:
+            skipped.append(record)
+        elif tensor is None:
             failed.append(record)
         else:
             records.append(record)
@@ -641,7 +703,7 @@ def _collate(futures: list[Future], pin_memory: bool) -> LoadedBatch:
     if images is not None and pin_memory and torch.cuda.is_available():
         with contextlib.suppress(RuntimeError):
             images = images.pin_memory()
-    return LoadedBatch(records=records, images=images, failed=failed)
+    return LoadedBatch(records=records, images=images, failed=failed, skipped=skipped)
 
 
 def _stack(tensors: list[torch.Tensor], records: list[ImageRecord]) -> torch.Tensor:

@@ -2,72 +2,43 @@
 
 1. :func:`resolve_model` finds the product's model version (the latest, or a given one) and
    checks the running code can serve it, before any image is read.
-2. :func:`plan_scoring` drops images this model version has already scored (re-runs are
-   idempotent) and splits the rest into shards.
-3. :func:`score_shard` scores one shard, writes heat maps of anomalous images and the shard's
-   report file (one Parquet file, written atomically), and returns only counts and the top
-   anomalies.
+2. :func:`plan_scoring` splits the night's images into shards, each with the content hashes this
+   model version already scored that night (from that night's report partition only).
+3. :func:`score_shard` scores one shard through :func:`padim.engine.score_images`, skipping images
+   already scored with the same content (re-runs add no rows; a file rewritten under the same name
+   is scored again), writes heat maps of anomalous images and the shard's report file (one
+   Parquet file, written atomically), and returns only counts and the top anomalies.
 4. :func:`check_drift` compares tonight's scores with the model's calibration.
+
+Models are loaded once per process into a small LRU (:func:`cached_model`) and shared by the
+task threads: a loaded model is re-entrant (see :class:`padim.model.PadimModel`).
 """
 
 from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from padim.artifact import check_servable, load_model
+from padim.engine import ScoredImage, score_images
 from padim.errors import IncompatibleModelError, PadimError
 from padim.fsio import write_bytes_atomic
 from padim.images import load_pil
-from padim.model import PadimModel, auto_batch_size, resolve_device
-from padim.pipeline import ScoredImage, score_images
+from padim.model import PadimModel, resolve_device
 from padim.preprocessing import map_to_original
 from padim.reports import make_error_row, make_ok_row, write_report_rows
+from padim.settings import ComputePath, RunnerSettings, ScoreSettings, default_of
 from padim.store import ModelStore
 
 TOP_ANOMALIES = 10
-
-
-class ScoreSettings(BaseModel):
-    """How a score run works.
-
-    Attributes:
-        batch_size: Images per backbone batch; ``None`` picks one that fills the device.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        shard_size: Images per score task.
-        heatmaps: Write a heat-map PNG for every anomalous image.
-        drift_max_anomaly_rate: Share of anomalous images above which the night counts as
-            drifted; ``None`` = ``max(5 x the calibrated image FPR, 0.1)`` (with tens of held-out
-            images the realised false-positive rate scatters around its target by a few percent).
-        drift_max_median_ratio: Tonight's median score over the calibration median above which
-            the bulk of the scores counts as drifted.
-        drift_min_images: Fewest scored images for a drift decision.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    batch_size: int | None = Field(default=None, ge=1, le=4096)
-    device: str = "auto"
-    shard_size: int = Field(default=500, ge=1)
-    heatmaps: bool = True
-    drift_max_anomaly_rate: float | None = Field(default=None, gt=0.0, le=1.0)
-    drift_max_median_ratio: float = Field(default=1.5, gt=1.0)
-    drift_min_images: int = Field(default=20, ge=1)
-
-    @field_validator("device")
-    @classmethod
-    def _check_device(cls, value: str) -> str:
-        if value not in {"auto", "cpu", "cuda"} and not value.startswith("cuda:"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {value!r}")
-        return value
 
 
 @dataclass
@@ -94,6 +65,7 @@ class ShardReport:
     Attributes:
         n_images: Images in the shard.
         n_scored: Images scored.
+        n_skipped: Images this model version had already scored that night with the same content.
         n_anomalies: Images above the threshold.
         n_errors: Images that could not be scored (each still has a report row).
         report_files: Parquet files written.
@@ -103,6 +75,7 @@ class ShardReport:
 
     n_images: int = 0
     n_scored: int = 0
+    n_skipped: int = 0
     n_anomalies: int = 0
     n_errors: int = 0
     report_files: list[str] = field(default_factory=list)
@@ -134,7 +107,11 @@ class DriftResult:
 
 
 def resolve_model(
-    store: ModelStore, product: str, version: str | None = None, device: str | None = None
+    store: ModelStore,
+    product: str,
+    version: str | None = None,
+    device: str | None = None,
+    path: ComputePath = "auto",
 ) -> ResolvedModel:
     """Find and check the model version to score with, before any image is read.
 
@@ -150,6 +127,7 @@ def resolve_model(
         version: A version name, or ``None`` for the latest.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` to load and check the whole model; ``None``
             checks only the manifest.
+        path: Scoring implementation the model is loaded for (see :func:`cached_model`).
 
     Returns:
         The resolved version.
@@ -169,7 +147,7 @@ def resolve_model(
     if not thresholds.get("image"):
         raise IncompatibleModelError(f"model {product} {version} has no calibrated threshold; retrain it")
     if device is not None:
-        model = cached_model(url, device)
+        model = cached_model(url, device, path)
         try:
             model.extractor()
         except ValueError as exc:  # the backbone or its weights differ from the model's
@@ -177,42 +155,55 @@ def resolve_model(
     return ResolvedModel(version=version, url=url, backbone=config.backbone, image_threshold=float(thresholds["image"]))
 
 
-def plan_scoring(uris: Sequence[str], already_scored: set[str], shard_size: int) -> tuple[list[list[str]], list[str]]:
-    """Drop already-scored images and split the rest into shards.
+def plan_scoring(
+    uris: Sequence[str], scored: Mapping[str, str], shard_size: int
+) -> list[tuple[list[str], dict[str, str]]]:
+    """Split a night's images into shards, each with what this model version already scored.
 
     Args:
         uris: Listed images.
-        already_scored: URIs with an ``ok`` report row for this model version.
+        scored: ``{uri: sha256}`` this model version scored ``ok`` that night
+            (:func:`padim.reports.scored_contents`).
         shard_size: Images per shard.
 
     Returns:
-        ``(shards, skipped)``.
+        ``(uris, scored)`` per shard, ``scored`` restricted to the shard's URIs.
     """
-    todo = [u for u in uris if u not in already_scored]
-    skipped = [u for u in uris if u in already_scored]
-    return [todo[i : i + shard_size] for i in range(0, len(todo), shard_size)], skipped
+    shards = [list(uris[i : i + shard_size]) for i in range(0, len(uris), shard_size)]
+    return [(shard, {u: scored[u] for u in shard if u in scored}) for shard in shards]
 
 
-_MODELS: dict[tuple[str, str], PadimModel] = {}
+_MODELS: OrderedDict[tuple[str, str, str], PadimModel] = OrderedDict()
 _MODELS_LOCK = threading.Lock()
+MODEL_CACHE_SIZE: int = default_of(RunnerSettings, "model_cache")
 
 
-def cached_model(url: str, device: str) -> PadimModel:
+def cached_model(url: str, device: str, path: ComputePath = "auto") -> PadimModel:
     """Load a model version once per process (verified), then reuse it.
+
+    The cache keeps the :data:`MODEL_CACHE_SIZE` most recently used versions (a version is a few
+    hundred MB): a process that serves many products or versions does not grow without bound.
+    A loaded model is shared by every thread that scores with it.
 
     Args:
         url: Version folder URL.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        path: Scoring implementation (see :func:`padim.model.use_fast_path`).
 
     Returns:
         The model on the device.
     """
-    resolved = str(resolve_device(device))
-    key = (url, resolved)
+    key = (url, str(resolve_device(device)), path)
     with _MODELS_LOCK:
-        if key not in _MODELS:
-            _MODELS[key] = load_model(url, device=resolved)
-        return _MODELS[key]
+        if key in _MODELS:
+            _MODELS.move_to_end(key)
+            return _MODELS[key]
+        model = load_model(url, device=key[1])
+        model.path = path
+        _MODELS[key] = model
+        while len(_MODELS) > MODEL_CACHE_SIZE:
+            _MODELS.popitem(last=False)
+        return model
 
 
 def heatmap_url(store: ModelStore, product: str, day: date, version: str, sha256: str) -> str:
@@ -267,10 +258,12 @@ def score_shard(
     day: date,
     run_id: str,
     settings: ScoreSettings,
+    scored: Mapping[str, str] | None = None,
 ) -> ShardReport:
     """Score one shard and write its report rows (and heat maps) to the store.
 
-    Every URI gets exactly one report row: ``ok`` with its scores, or ``error`` with a reason.
+    Every URI gets exactly one report row - ``ok`` with its scores, or ``error`` with a reason -
+    unless this model version already scored the same content that night (``scored``).
 
     Args:
         store: Model store (its root also holds the reports).
@@ -280,20 +273,28 @@ def score_shard(
         uris: The shard's images.
         day: Production date (report partition).
         run_id: Identifier of the run (written in every row and in the file name).
-        settings: Batch size, device, heat maps.
+        settings: Batch size, device, heat maps, compute path.
+        scored: ``{uri: sha256}`` already scored that night by this version (see :func:`plan_scoring`).
 
     Returns:
         Counts, the written files and the top anomalies.
+
+    Raises:
+        ImageReadError: Storage could not deliver an image; no row of the shard is written.
     """
-    model = cached_model(model_url, settings.device)
+    model = cached_model(model_url, settings.device, settings.path)
     if model.thresholds is None:
         raise IncompatibleModelError(f"model {product} {version} has no calibrated threshold; retrain it")
     report = ShardReport(n_images=len(uris))
     rows: list[dict[str, Any]] = []
     keep = "anomalous" if settings.heatmaps else "none"
-    batch_size = settings.batch_size or auto_batch_size(model.config, model.mean.device)
-    for scored in score_images(model, uris, batch_size=batch_size, keep_maps=keep, description="score"):
-        rows.append(_row_of(store, product, model, version, day, run_id, scored, report))
+    known = dict(scored or {})
+    skip = (lambda uri, sha256: known.get(uri) == sha256) if known else None
+    for result in score_images(model, uris, batch_size=settings.batch_size, keep_maps=keep, skip=skip):
+        if result.skipped:
+            report.n_skipped += 1
+            continue
+        rows.append(_row_of(store, product, model, version, day, run_id, result, report))
     if rows:
         report.report_files = write_report_rows(store.root, rows, run_id=run_id)
     return report

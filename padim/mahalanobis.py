@@ -11,36 +11,11 @@ squared distances through rounding). Whitening and the explicit inverse cost the
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from padim.statistics import GaussianAccumulator, patch_rows
-
-
-@contextmanager
-def single_threaded(device: torch.device) -> Iterator[None]:
-    """Run batched small-matrix LAPACK work on one CPU thread.
-
-    torch splits each batch of small Cholesky/triangular solves across its thread pool, with a
-    barrier per call; when another process competes for the cores those barriers stall, and the
-    factorisation of a model became 9x slower on 2 threads than on 1 (measured: 2.7 s vs 0.3 s
-    per 512 positions at d = 100). One thread keeps the finalisation fast and steady.
-
-    Args:
-        device: Where the work runs; only the CPU is affected.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def whitening_factor(covariance: torch.Tensor) -> torch.Tensor:
@@ -87,11 +62,10 @@ def whitening_from_accumulator(
     """
     p, d = accumulator.num_positions, accumulator.dim
     factor = torch.empty(p, d, d, dtype=dtype, device=accumulator.device)
-    with single_threaded(factor.device):
-        for start in range(0, p, chunk):
-            stop = min(p, start + chunk)
-            covariance = accumulator.covariance_block(start, stop, eps, shrinkage)
-            factor[start:stop] = whitening_factor(covariance).to(dtype)
+    for start in range(0, p, chunk):
+        stop = min(p, start + chunk)
+        covariance = accumulator.covariance_block(start, stop, eps, shrinkage)
+        factor[start:stop] = whitening_factor(covariance).to(dtype)
     return factor
 
 

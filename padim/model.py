@@ -9,6 +9,7 @@ anomaly maps ``(B, S, S)`` and image scores ``(B,)``.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,7 @@ from padim.backbones import Backbone, BackboneSpec, get_backbone, get_spec
 from padim.cell_statistics import CellLayout, CellStatistics
 from padim.config import PadimConfig
 from padim.embedding import EmbeddingProjector, build_projector
-from padim.features import FeatureExtractor
+from padim.features import FeatureBatch, FeatureExtractor
 from padim.mahalanobis import (
     TriangleBlocks,
     mahalanobis_distances,
@@ -28,6 +29,7 @@ from padim.mahalanobis import (
     whitening_from_accumulator,
 )
 from padim.preprocessing import Preprocessor
+from padim.settings import CPU_BATCH_SIZE, GPU_BATCH_SIZES, ComputePath
 from padim.statistics import GaussianAccumulator, UpdateBuffer
 
 
@@ -93,12 +95,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-_GPU_BATCH = {"efficientnet_lite0": 256, "resnet18": 256, "wide_resnet50_2": 96}
-CPU_BATCH = 32
-
-
 def auto_batch_size(config: PadimConfig, device: str | torch.device | None) -> int:
-    """A batch size that fills the device: 32 on a CPU; on a GPU, scaled with its free memory.
+    """A batch size that fills the device: :data:`~padim.settings.CPU_BATCH_SIZE` on a CPU; on a GPU,
+    :data:`~padim.settings.GPU_BATCH_SIZES` scaled with its free memory.
 
     The GPU figures (at 224 x 224, for an 80 GB card) keep activations, the statistics and the
     scoring temporaries well inside memory; they scale linearly with free memory and inversely
@@ -113,11 +112,33 @@ def auto_batch_size(config: PadimConfig, device: str | torch.device | None) -> i
     """
     target = resolve_device(device)
     if target.type != "cuda":
-        return CPU_BATCH
+        return CPU_BATCH_SIZE
     free, _ = torch.cuda.mem_get_info(target)
-    base = _GPU_BATCH.get(config.backbone, 64)
+    base = GPU_BATCH_SIZES.get(config.backbone, 64)
     scale = (free / (70 * 1024**3)) * (224 * 224) / (config.input_size**2)
     return int(max(8, min(1024, base * scale)) // 8 * 8)
+
+
+def use_fast_path(path: ComputePath, device: torch.device) -> bool:
+    """Whether fitting and scoring read the stage maps directly (the one place this is decided).
+
+    The fast path (:class:`~padim.cell_statistics.CellStatistics` for the statistics,
+    :func:`banded_distances` for the distances) never builds the upsampled embedding; on a CPU it
+    does a fifth of the statistics' arithmetic and keeps each band of the distances in cache. On a
+    GPU the plain batched products are faster (H200, ResNet18: 21,300 against 18,000 images/s,
+    BENCHMARKS.md). Both give the same numbers (tested); a layout the fast path cannot serve
+    (a projection, stage maps that do not tile the grid) uses the plain one.
+
+    Args:
+        path: ``"auto"``, ``"fast"`` or ``"plain"``.
+        device: Where the work runs.
+
+    Returns:
+        True for the fast path.
+    """
+    if path not in ("auto", "fast", "plain"):
+        raise ValueError(f"path must be 'auto', 'fast' or 'plain', got {path!r}")
+    return device.type == "cpu" if path == "auto" else path == "fast"
 
 
 @dataclass
@@ -279,6 +300,8 @@ def banded_distances(
 class PadimFitter:
     """Accumulate the statistics of normal images for one configuration.
 
+    A fitter is owned by one job (one thread): it holds images until its buffer fills.
+
     Args:
         config: Model options.
         device: Compute device (``"auto"`` picks CUDA when present).
@@ -287,6 +310,7 @@ class PadimFitter:
         projector: The channel reduction stored with the model being refit (``model.projector``);
             default: drawn from the configuration's seed. Passing the stored one guarantees that
             new images are embedded with exactly the channels of the existing statistics.
+        path: ``"auto"``, ``"fast"`` or ``"plain"`` (see :func:`use_fast_path`).
     """
 
     def __init__(
@@ -296,6 +320,7 @@ class PadimFitter:
         accumulator: GaussianAccumulator | None = None,
         amp_dtype: torch.dtype | None = None,
         projector: EmbeddingProjector | None = None,
+        path: ComputePath = "auto",
     ) -> None:
         self.config = config
         self.device = resolve_device(device)
@@ -314,10 +339,7 @@ class PadimFitter:
             )
         self._accumulator = accumulator
         self._buffer = UpdateBuffer(accumulator)
-        # Statistics from the stage maps pay on the CPU (a fifth of the arithmetic, no upsampled
-        # embedding); on a GPU the plain batched product is faster (H200, ResNet18: 21,300
-        # against 18,000 images/s, BENCHMARKS.md).
-        layout = cell_layout(self.projector, self.spec, (h, w)) if self.device.type == "cpu" else None
+        layout = cell_layout(self.projector, self.spec, (h, w)) if use_fast_path(path, self.device) else None
         self._cells = CellStatistics(accumulator, layout) if layout is not None else None
 
     @property
@@ -354,45 +376,39 @@ class PadimFitter:
         """
         return self.extractor(images)
 
-    def update(self, images: torch.Tensor) -> None:
-        """Fold a batch of images into the statistics.
+    def update(self, images: torch.Tensor | FeatureBatch) -> None:
+        """Fold a batch of images (or their features) into the statistics.
 
-        On a CPU, when the embedding is a channel selection whose coarse stages repeat over grid
-        cells, the selected stage maps go to :class:`CellStatistics` and the upsampled embedding
-        is never built; otherwise the embeddings are collected and folded in ~128 images at a
-        time (:class:`UpdateBuffer`). Either way the images are held until the buffer fills;
-        reading :attr:`accumulator` or calling :meth:`flush` folds in what is held.
+        On the fast path the selected stage maps go to :class:`CellStatistics` and the upsampled
+        embedding is never built; otherwise the embeddings are collected and folded in ~128
+        images at a time (:class:`UpdateBuffer`). Either way the images are held until the
+        buffer fills; reading :attr:`accumulator` or calling :meth:`flush` folds in what is held.
 
         Args:
-            images: Shape ``(B, 3, S, S)``.
-        """
-        if self._cells is not None:
-            groups = self._stage_maps(images, self._cells)
-            if groups is not None:
-                self._cells.add(groups)
-                return
-            self._cells.flush()  # the stage maps do not tile the grid: the plain path from now on
-            self._cells = None
-        self._buffer.add(self.embed(images))
-
-    def _stage_maps(self, images: torch.Tensor, cells: CellStatistics) -> list[torch.Tensor] | None:
-        """The selected channels of each stage for a batch, or ``None`` if they do not tile the grid.
+            images: Shape ``(B, 3, S, S)``, or the batch's features from this configuration's
+                extractor (e.g. computed once for scoring and fitting, as calibration does).
 
         Raises:
             ValueError: If the images are not of the model's input size.
         """
-        groups = self.extractor.stage_maps(images)
-        shapes = [tuple(g.shape) for g in groups]
-        expected = cells.expected_shapes(images.shape[0])
-        if shapes == expected:
-            return groups
-        if shapes[0] != expected[0]:  # the images themselves do not fit the model
-            raise ValueError(f"images of shape {tuple(images.shape)} give stage maps {shapes}; expected {expected}")
-        return None
+        features = images if isinstance(images, FeatureBatch) else self.extractor.extract(images)
+        if self._cells is not None and features.stage_maps is not None:
+            shapes = [tuple(g.shape) for g in features.stage_maps]
+            expected = self._cells.expected_shapes(features.size)
+            if shapes == expected:
+                self._cells.add(features.stage_maps)
+                return
+            if shapes[0] != expected[0]:  # the images themselves do not fit the model
+                raise ValueError(f"images give stage maps {shapes}, expected {expected} for this model")
+        self._buffer.add(features.embedding())
 
 
 class PadimModel(nn.Module):
     """A fitted PaDiM model.
+
+    A loaded model serves any number of threads at once: scoring keeps no scratch between
+    calls, and what it builds lazily (the backbone, the factor's triangle blocks) is built once
+    under a lock and never changed afterwards.
 
     Args:
         config: Options the model was fitted with.
@@ -403,6 +419,7 @@ class PadimModel(nn.Module):
         training: Provenance of the statistics.
         thresholds: Calibrated decision thresholds, if any.
         accumulator: The raw statistics (kept for incremental refits), if available.
+        path: ``"auto"``, ``"fast"`` or ``"plain"`` scoring (see :func:`use_fast_path`).
     """
 
     def __init__(
@@ -415,6 +432,7 @@ class PadimModel(nn.Module):
         training: TrainingInfo,
         thresholds: Thresholds | None = None,
         accumulator: GaussianAccumulator | None = None,
+        path: ComputePath = "auto",
     ) -> None:
         super().__init__()
         self.config = config
@@ -428,10 +446,22 @@ class PadimModel(nn.Module):
         self.accumulator = accumulator
         self.grid = grid_size(config, self.spec)
         self.anomaly_map = AnomalyMapGenerator(config.input_size, config.blur_sigma)
+        self.path: ComputePath = path
         self._extractor: FeatureExtractor | None = None
-        self.position_chunk: int | None = None
-        self._banded = True
+        self._lock = threading.Lock()
         self._triangles: tuple[tuple[int, torch.device, torch.dtype], TriangleBlocks | None] | None = None
+
+    def __getstate__(self) -> dict[str, object]:
+        """State for copies: everything but the lock (and the derived triangle blocks)."""
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        state["_triangles"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        """Restore a copy with a lock of its own."""
+        super().__setstate__(state)
+        self._lock = threading.Lock()
 
     @property
     def channels(self) -> int:
@@ -458,21 +488,24 @@ class PadimModel(nn.Module):
             raise ValueError(
                 f"backbone weights {backbone.weights_sha256[:12]} differ from the model's {self.weights_sha256[:12]}"
             )
-        self._extractor = FeatureExtractor(backbone, self.projector, amp_dtype=amp_dtype)
         self.to(backbone.device)
+        self._extractor = FeatureExtractor(backbone, self.projector, amp_dtype=amp_dtype)
 
     def extractor(self) -> FeatureExtractor:
-        """The feature extractor, loading the backbone on first use."""
-        if self._extractor is None:
-            device = self.mean.device
-            self.attach_backbone(get_backbone(self.config.backbone, self.config.weights, device))
-        extractor = self._extractor
+        """The feature extractor, loading the backbone on first use (once, whatever the threads)."""
+        with self._lock:
+            if self._extractor is None:
+                device = self.mean.device
+                self.attach_backbone(get_backbone(self.config.backbone, self.config.weights, device))
+            extractor = self._extractor
         if extractor is None:
             raise RuntimeError("backbone could not be attached")
         return extractor
 
     def to_device(self, device: str | torch.device | None, factor_dtype: torch.dtype | None = None) -> PadimModel:
         """Move the model (and its backbone) to a device, optionally storing the factor in reduced precision.
+
+        Call it before the model is shared between threads.
 
         Args:
             device: ``"auto"``, ``"cpu"``, ``"cuda"``...
@@ -483,11 +516,12 @@ class PadimModel(nn.Module):
             ``self``.
         """
         target = resolve_device(device)
-        if factor_dtype is not None:
-            self.factor = self.factor.to(factor_dtype)
-        self.to(target)
-        if self._extractor is not None and self._extractor.device != target:
-            self._extractor = None
+        with self._lock:
+            if factor_dtype is not None:
+                self.factor = self.factor.to(factor_dtype)
+            self.to(target)
+            if self._extractor is not None and self._extractor.device != target:
+                self._extractor = None
         return self
 
     def scoring_factor(self) -> torch.Tensor | TriangleBlocks:
@@ -497,64 +531,80 @@ class PadimModel(nn.Module):
         matrix products about 30 % faster on the CPU (BENCHMARKS.md). The blocks cost two
         thirds of the factor's memory again, so factors over :data:`TRIANGLE_BYTES` (e.g.
         WideResNet50 at d = 550) and factors that are not triangular keep the full product.
-        The blocks are made on first use and remade if the factor changes.
+        The blocks are made once, on first use (under the model's lock), and remade if the
+        factor is replaced.
         """
         factor = self.factor
         if factor.device.type != "cpu" or factor.numel() * factor.element_size() > TRIANGLE_BYTES:
             return factor
         key = (factor.data_ptr(), factor.device, factor.dtype)
-        if self._triangles is None or self._triangles[0] != key:
-            try:
-                blocks: TriangleBlocks | None = triangle_blocks(factor)  # checks triangularity once
-            except ValueError:
-                blocks = None
-            self._triangles = (key, blocks)
-        blocks = self._triangles[1]
+        with self._lock:
+            if self._triangles is None or self._triangles[0] != key:
+                try:
+                    blocks: TriangleBlocks | None = triangle_blocks(factor)  # checks triangularity once
+                except ValueError:
+                    blocks = None
+                self._triangles = (key, blocks)
+            blocks = self._triangles[1]
         return blocks if blocks is not None else factor
 
-    @torch.inference_mode()
-    def anomaly_maps_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Anomaly maps from embeddings.
-
-        Args:
-            embeddings: Shape ``(B, d, h, w)``.
-
-        Returns:
-            Shape ``(B, S, S)``, float32, on the model's device.
-        """
-        distances = mahalanobis_distances(
-            embeddings.to(self.mean.device), self.mean, self.scoring_factor(), chunk=self.position_chunk
-        )
-        return self.anomaly_map(distances)
-
-    @torch.inference_mode()
-    def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
-        """Anomaly maps of a batch of images.
-
-        On a CPU the embedding is built and scored a band of grid rows at a time
-        (:func:`banded_distances`), so the ``(B, P, d)`` embedding of the whole batch never
-        exists and each band stays in the CPU caches; on a GPU the batch goes in one piece.
+    def extract(self, images: torch.Tensor) -> FeatureBatch:
+        """The features of a batch of images (one backbone pass).
 
         Args:
             images: Shape ``(B, 3, S, S)``: ``uint8`` pixels or floats normalised by
                 :meth:`preprocessor`.
 
         Returns:
+            The batch's features (see :class:`~padim.features.FeatureBatch`).
+        """
+        return self.extractor().extract(images)
+
+    @torch.inference_mode()
+    def distances(self, features: FeatureBatch) -> torch.Tensor:
+        """Mahalanobis distance of every patch of a batch.
+
+        On the fast path (:func:`use_fast_path`) the distances come a band of grid rows at a
+        time straight from the stage maps (:func:`banded_distances`): the ``(B, P, d)``
+        embedding of the whole batch never exists and each band stays in the CPU caches. On
+        the plain path (and for features the fast path cannot read) the whole embedding is
+        scored at once (:func:`~padim.mahalanobis.mahalanobis_distances`). Both give the same
+        distances.
+
+        Args:
+            features: The batch's features.
+
+        Returns:
+            Shape ``(B, H, W)`` on the model's device.
+        """
+        if use_fast_path(self.path, self.mean.device):
+            factor = self.scoring_factor()
+            distances = None
+            if features.stage_maps is not None:
+                maps = [m.to(self.mean.device) for m in features.stage_maps]
+                distances = banded_distances(maps, self.mean, factor, self.grid)
+            elif features.taps is not None:
+                taps = [t.to(self.mean.device) for t in features.taps]
+                distances = banded_distances(taps, self.mean, factor, self.grid, self.projector)
+            if distances is not None:
+                return distances
+        else:
+            factor = self.factor
+        return mahalanobis_distances(features.embedding().to(self.mean.device), self.mean, factor)
+
+    @torch.inference_mode()
+    def anomaly_maps(self, images: torch.Tensor | FeatureBatch) -> torch.Tensor:
+        """Anomaly maps of a batch: distances, bilinear upsampling and the Gaussian blur.
+
+        Args:
+            images: Shape ``(B, 3, S, S)`` (``uint8`` pixels or floats normalised by
+                :meth:`preprocessor`), or the batch's features.
+
+        Returns:
             Shape ``(B, S, S)``, float32, on the model's device.
         """
-        extractor = self.extractor()
-        if extractor.device.type != "cpu" or not self._banded:
-            return self.anomaly_maps_from_embeddings(extractor(images))
-        factor = self.scoring_factor()
-        if self.projector.stage_counts() is not None:
-            distances = banded_distances(extractor.stage_maps(images), self.mean, factor, self.grid)
-        else:
-            features = extractor.features(images)
-            distances = banded_distances(features, self.mean, factor, self.grid, self.projector)
-        if distances is None:  # the stage maps do not tile the grid: whole embeddings from now on
-            self._banded = False
-            return self.anomaly_maps_from_embeddings(extractor(images))
-        return self.anomaly_map(distances)
+        features = images if isinstance(images, FeatureBatch) else self.extract(images)
+        return self.anomaly_map(self.distances(features))
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> Prediction:
@@ -579,6 +629,7 @@ def build_model(
     thresholds: Thresholds | None = None,
     factor_dtype: torch.dtype = torch.float32,
     keep_statistics: bool = True,
+    path: ComputePath = "auto",
 ) -> PadimModel:
     """Finalise accumulated statistics into a model.
 
@@ -591,6 +642,7 @@ def build_model(
         thresholds: Calibrated thresholds, if already known.
         factor_dtype: Storage dtype of the whitening factor.
         keep_statistics: Keep the accumulator on the model for incremental refits.
+        path: Scoring implementation of the model (see :func:`use_fast_path`).
 
     Returns:
         The fitted model, on the accumulator's device.
@@ -622,5 +674,6 @@ def build_model(
         training=training,
         thresholds=thresholds,
         accumulator=accumulator if keep_statistics else None,
+        path=path,
     )
     return model.to(accumulator.device)

@@ -20,72 +20,26 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from padim.artifact import load_model, load_statistics, save_model, save_statistics, training_set_digest
 from padim.backbones import get_backbone
-from padim.calibration import calibrate_thresholds, split_holdout
+from padim.calibration import split_holdout
 from padim.config import PadimConfig
 from padim.embedding import EmbeddingProjector
+from padim.engine import Calibration, calibrate, fit_images
 from padim.errors import ConfigError, IncompatibleModelError, PadimError
-from padim.images import ImageRecord, iter_batches
-from padim.model import (
-    PadimFitter,
-    PadimModel,
-    TrainingInfo,
-    auto_batch_size,
-    build_model,
-    new_projector,
-    resolve_device,
-)
-from padim.pipeline import collect_normal_maps
-from padim.progress import progress_bar
+from padim.images import ImageRecord
+from padim.model import PadimFitter, PadimModel, TrainingInfo, build_model, new_projector, resolve_device
+from padim.settings import TrainSettings
 from padim.statistics import GaussianAccumulator
 from padim.store import ModelStore
 
 MIN_FIT_IMAGES = 2
-
-
-class TrainSettings(BaseModel):
-    """How to fit and calibrate a product model (besides the model configuration).
-
-    Attributes:
-        batch_size: Images per backbone batch; ``None`` picks one that fills the device.
-        device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
-        shard_size: Images per fit task (hundreds to thousands: one task per shard, not per image).
-        holdout_fraction: Share of the normal images held out for threshold calibration.
-        min_holdout: Fewest held-out images.
-        calibration_url: A separate folder of normal images for calibration; then every listed
-            normal image is fitted and nothing is held out.
-        image_fpr: Target false-positive rate of the image threshold on normal images.
-        pixel_fpr: Target false-positive rate of the pixel threshold on normal pixels.
-        seed: Seed of the held-out split.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    batch_size: int | None = Field(default=None, ge=1, le=4096)
-    device: str = "auto"
-    shard_size: int = Field(default=1000, ge=1)
-    holdout_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
-    min_holdout: int = Field(default=10, ge=1)
-    calibration_url: str | None = None
-    image_fpr: float = Field(default=0.01, gt=0.0, lt=1.0)
-    pixel_fpr: float = Field(default=0.001, gt=0.0, lt=1.0)
-    seed: int = 0
-
-    @field_validator("device")
-    @classmethod
-    def _check_device(cls, value: str) -> str:
-        if value not in {"auto", "cpu", "cuda"} and not value.startswith("cuda:"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {value!r}")
-        return value
 
 
 @dataclass
@@ -140,6 +94,7 @@ class PublishedModel:
         image_threshold: Calibrated image threshold.
         pixel_threshold: Calibrated pixel threshold.
         manifest: The version's manifest (without the file list).
+        failed: ``(uri, reason)`` of the training and calibration images that could not be used.
     """
 
     product: str
@@ -150,6 +105,7 @@ class PublishedModel:
     image_threshold: float
     pixel_threshold: float
     manifest: dict[str, Any]
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
 
 def config_identity(config: PadimConfig, weights_sha256: str) -> str:
@@ -225,41 +181,45 @@ def fit_shard(
     exclude_sha256: frozenset[str] = frozenset(),
     description: str = "fit",
 ) -> ShardOutcome:
-    """Fit one shard and write its partial statistics.
+    """Fit one shard (:func:`padim.engine.fit_images`) and write its partial statistics.
 
     Args:
         uris: The shard's images.
         config: Model options.
         partial_url: Where to write the partial statistics.
-        settings: Batch size and device.
-        exclude_sha256: Content hashes to leave out (images already in the model).
+        settings: Batch size, device and compute path.
+        exclude_sha256: Content hashes to leave out (images already in the model); they are
+            read and hashed, not decoded.
         description: Progress-bar label.
 
     Returns:
         The shard outcome; ``partial_url`` is ``None`` when no image was usable.
+
+    Raises:
+        ImageReadError: Storage could not deliver an image (the task is retried; nothing is written).
     """
-    start = time.perf_counter()
-    fitter = PadimFitter(config, device=settings.device)
-    outcome = ShardOutcome(partial_url=None, n_images=0)
-    pin = fitter.device.type == "cuda"
-    batch_size = settings.batch_size or auto_batch_size(config, fitter.device)
-    with progress_bar(len(uris), description) as bar:
-        for batch in iter_batches(uris, fitter.preprocessor(normalize=False), batch_size, pin_memory=pin):
-            outcome.failed.extend((r.uri, r.error or "unreadable") for r in batch.failed)
-            keep = [i for i, r in enumerate(batch.records) if r.sha256 not in exclude_sha256]
-            outcome.skipped.extend(r.uri for r in batch.records if r.sha256 in exclude_sha256)
-            if batch.images is not None and keep:
-                images = batch.images if len(keep) == len(batch.records) else batch.images[keep]
-                fitter.update(images)
-                outcome.fitted.extend((batch.records[i].uri, batch.records[i].sha256 or "") for i in keep)
-            bar.advance(len(batch.records) + len(batch.failed))
-    fitter.flush()
-    outcome.n_images = fitter.accumulator.n
+    skip = (lambda _uri, sha256: sha256 in exclude_sha256) if exclude_sha256 else None
+    result = fit_images(
+        uris,
+        config,
+        batch_size=settings.batch_size,
+        device=settings.device,
+        path=settings.path,
+        skip=skip,
+        description=description,
+    )
+    outcome = ShardOutcome(
+        partial_url=None,
+        n_images=result.accumulator.n,
+        fitted=[(r.uri, r.sha256 or "") for r in result.fitted],
+        failed=[(r.uri, r.error or "unreadable") for r in result.failed],
+        skipped=[r.uri for r in result.skipped],
+    )
     if outcome.n_images:
-        identity = config_identity(config, fitter.backbone.weights_sha256)
-        save_statistics(fitter.accumulator, partial_url, {"identity": identity})
+        identity = config_identity(config, result.weights_sha256)
+        save_statistics(result.accumulator, partial_url, {"identity": identity})
         outcome.partial_url = partial_url
-    outcome.seconds = time.perf_counter() - start
+    outcome.seconds = result.seconds
     return outcome
 
 
@@ -345,8 +305,13 @@ def finalize_and_publish(
         raise PadimError(
             f"only {accumulator.n} usable training image(s): need at least {MIN_FIT_IMAGES} to estimate a covariance"
         )
+    failed = [pair for o in outcomes for pair in o.failed]
+    n_listed = sum(len(o.fitted) + len(o.failed) for o in outcomes)
     if holdout:
-        model = calibrate_and_merge(config, accumulator, weights_sha256, images, holdout, settings)
+        calibrated = calibrate_and_merge(config, accumulator, weights_sha256, images, holdout, settings)
+        model = calibrated.model
+        failed += [(r.uri, r.error or "unreadable") for r in calibrated.calibration.failed]
+        n_listed += len(holdout)
     elif base is not None and base.thresholds is not None:
         # Too few new images to hold any out: the new statistics keep the previous calibration.
         thresholds = replace(base.thresholds, method="inherited")
@@ -361,6 +326,7 @@ def finalize_and_publish(
         )
     else:
         raise PadimError("no normal images to calibrate the decision threshold on")
+    check_skipped(n_listed, failed, settings.max_skipped_fraction)
     thresholds = model.thresholds
     if thresholds is None:
         raise PadimError("the model has no calibrated threshold")
@@ -377,7 +343,25 @@ def finalize_and_publish(
         image_threshold=thresholds.image,
         pixel_threshold=thresholds.pixel,
         manifest=manifest,
+        failed=failed,
     )
+
+
+@dataclass
+class CalibratedModel:
+    """A model calibrated on held-out images.
+
+    Attributes:
+        model: The model to publish: the statistics of every image (the hold-out merged in when
+            asked) with the thresholds.
+        provisional: The model of the fitted images only, which scored the hold-out (same
+            thresholds); ``model`` itself when the hold-out is not merged.
+        calibration: The thresholds and the held-out scores, maps and outcomes.
+    """
+
+    model: PadimModel
+    provisional: PadimModel
+    calibration: Calibration
 
 
 def calibrate_and_merge(
@@ -387,14 +371,17 @@ def calibrate_and_merge(
     images: list[tuple[str, str]],
     holdout: Sequence[str],
     settings: TrainSettings,
-) -> PadimModel:
+    *,
+    merge: bool = True,
+) -> CalibratedModel:
     """Calibrate thresholds on held-out images, then add those images to the statistics.
 
     The held-out images are scored by the model of the other images (out-of-sample scores, the
-    only honest basis for a threshold); their embeddings are folded into ``accumulator`` on the
-    same backbone pass, and the published model is finalised from all images. Measured on both
-    benchmark data sets, the merged model's false-positive rate on unseen normal images stays
-    closer to the target than the model without them (BENCHMARKS.md), and no image is lost.
+    only honest basis for a threshold) through :func:`padim.engine.calibrate`, i.e. exactly as
+    production scores; the same backbone pass folds them into ``accumulator``, and the published
+    model is finalised from all images. Measured on both benchmark data sets, the merged model's
+    false-positive rate on unseen normal images stays closer to the target than the model without
+    them (BENCHMARKS.md), and no image is lost.
 
     Args:
         config: Model options.
@@ -402,34 +389,77 @@ def calibrate_and_merge(
         weights_sha256: Backbone weights identity.
         images: ``(uri, sha256)`` of the fitted images.
         holdout: Held-out normal image URIs.
-        settings: Batch size, device and target rates.
+        settings: Batch size, device, compute path and target rates.
+        merge: Fold the held-out images into the statistics (training always does; evaluation
+            may compare without).
 
     Returns:
-        The final model, with thresholds and provenance.
+        The final model (thresholds and provenance set), the provisional one and the calibration.
 
     Raises:
         PadimError: If no held-out image can be scored or the thresholds are degenerate.
+        ImageReadError: Storage could not deliver a held-out image.
     """
-    provisional = build_model(config, accumulator, weights_sha256=weights_sha256, keep_statistics=False)
-    batch_size = settings.batch_size or auto_batch_size(config, accumulator.device)
-    scores, maps, scored, failed = collect_normal_maps(
-        provisional, list(holdout), batch_size=batch_size, accumulate_into=accumulator
+    provisional = build_model(
+        config, accumulator, weights_sha256=weights_sha256, keep_statistics=False, path=settings.path
     )
-    if not len(scored):
-        reasons = "; ".join(f"{r.uri}: {r.error}" for r in failed[:3])
-        raise PadimError(f"none of the {len(holdout)} held-out normal images could be scored ({reasons})")
-    thresholds = calibrate_thresholds(scores, maps, image_fpr=settings.image_fpr, pixel_fpr=settings.pixel_fpr)
-    check_thresholds(thresholds.image, thresholds.pixel, len(scored))
+    fitter = None
+    if merge:
+        fitter = PadimFitter(
+            config, accumulator.device, accumulator=accumulator, projector=provisional.projector, path=settings.path
+        )
+    try:
+        calibration = calibrate(
+            provisional,
+            list(holdout),
+            image_fpr=settings.image_fpr,
+            pixel_fpr=settings.pixel_fpr,
+            batch_size=settings.batch_size,
+            fold_into=fitter,
+        )
+    except ValueError as exc:
+        raise PadimError(str(exc)) from exc
+    thresholds = calibration.thresholds
+    check_thresholds(thresholds.image, thresholds.pixel, len(calibration.scored))
     thresholds.method = "folder" if settings.calibration_url else "holdout"
-    calibration = [(r.uri, r.sha256 or "") for r in scored]
-    all_images = list(images) + calibration
+    provisional.thresholds = thresholds
+    if fitter is None:
+        return CalibratedModel(model=provisional, provisional=provisional, calibration=calibration)
+    fitter.flush()
+    held_out = [(r.uri, r.sha256 or "") for r in calibration.scored]
+    all_images = list(images) + held_out
     training = TrainingInfo(
         n_train=accumulator.n,
         training_set_sha256=training_set_digest([sha for _, sha in all_images]),
         training_images=all_images,
-        calibration_images=calibration,
+        calibration_images=held_out,
     )
-    return build_model(config, accumulator, weights_sha256=weights_sha256, training=training, thresholds=thresholds)
+    model = build_model(
+        config, accumulator, weights_sha256=weights_sha256, training=training, thresholds=thresholds, path=settings.path
+    )
+    return CalibratedModel(model=model, provisional=provisional, calibration=calibration)
+
+
+def check_skipped(n_listed: int, failed: Sequence[tuple[str, str]], limit: float) -> None:
+    """Refuse to publish a model when too many of the listed training images could not be used.
+
+    Args:
+        n_listed: Images the training looked at (fitted, held out and failed; images already in
+            the model do not count).
+        failed: ``(uri, reason)`` of the images that could not be used.
+        limit: Largest allowed share (``TrainSettings.max_skipped_fraction``).
+
+    Raises:
+        PadimError: If the share of failed images exceeds ``limit``; the message gives the first
+            reasons.
+    """
+    if not n_listed or len(failed) / n_listed <= limit:
+        return
+    reasons = "; ".join(f"{uri}: {reason}" for uri, reason in failed[:3])
+    raise PadimError(
+        f"{len(failed)} of {n_listed} training images ({len(failed) / n_listed:.0%}) could not be used, more than "
+        f"the {limit:.0%} allowed (max_skipped_fraction); nothing was published. First reasons: {reasons}"
+    )
 
 
 def check_thresholds(image: float, pixel: float, n_images: int) -> None:

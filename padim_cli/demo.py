@@ -17,14 +17,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from padim.config import PadimConfig
+from padim.settings import default_of
 from padim_cli.render import format_table
 from padim_cli.runner import check_backbone, check_product, resolve_store, run_flow, start_warm_up
 
 __all__ = ["DEMO_MARKER", "DemoOutcome", "demo_metrics", "prepare_workdir", "run_demo"]
 
 DEMO_MARKER = ".padim-demo"
-DEMO_HOLDOUT_FRACTION = 0.25
-DEMO_BACKBONE = "efficientnet_lite0"
+DEMO_BACKBONE: str = default_of(PadimConfig, "backbone")
 TOP_SHOWN = 10
 
 
@@ -185,9 +186,7 @@ def run_demo(workdir: Path, store: str | None, product: str, seed: int = 0, devi
         product=product,
         normal_url=str(dataset.train_dir),
         store=root,
-        backbone=DEMO_BACKBONE,
         device=device,
-        holdout_fraction=DEMO_HOLDOUT_FRACTION,
     )
     print(
         f"[2/4] Trained {product} ({DEMO_BACKBONE}, ImageNet weights): version {trained['version']}, "

@@ -55,10 +55,8 @@ def metric_lines(result: Any) -> list[str]:
 def run_evaluation(
     dataset_dir: str,
     config: Any,
+    settings: Any,
     *,
-    batch_size: int,
-    device: str,
-    holdout_fraction: float,
     json_file: Path | None,
     figures: Path | None,
     roc: bool,
@@ -67,25 +65,15 @@ def run_evaluation(
 
     Args:
         dataset_dir: MVTec-layout data set.
-        config: Model configuration.
-        batch_size: Images per batch.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        holdout_fraction: Share of ``train/good`` held out for calibration.
+        config: Model configuration (:class:`padim.config.PadimConfig`).
+        settings: Fit and calibration options (:class:`padim.settings.TrainSettings`).
         json_file: Where to write the metrics as JSON, if anywhere.
         figures: Folder of per-image figures, if any.
         roc: Also draw the ROC curves.
     """
     from padim.evaluation import evaluate_dataset, write_json
 
-    result = evaluate_dataset(
-        dataset_dir,
-        config,
-        holdout_fraction=holdout_fraction,
-        batch_size=batch_size,
-        device=device,
-        figures_dir=figures,
-        roc=roc,
-    )
+    result = evaluate_dataset(dataset_dir, config, settings, figures_dir=figures, roc=roc)
     print("\n".join(metric_lines(result)))
     if json_file is not None:
         write_json(result, json_file)

@@ -17,6 +17,8 @@ from typing import Annotated
 
 import typer
 
+from padim.config import DEFAULT_CHANNELS, PadimConfig
+from padim.settings import CPU_BATCH_SIZE, ScoreSettings, TrainSettings, default_of
 from padim_cli.environment import apply_defaults, debug_enabled
 from padim_cli.errors import describe_error, exit_code_for
 from padim_cli.render import (
@@ -116,7 +118,57 @@ ProductOpt = Annotated[
 DeviceOpt = Annotated[
     Device, typer.Option("--device", help="Where the CNN runs; auto picks CUDA when present.", case_sensitive=False)
 ]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, max=4096, help="Images per CNN batch.")]
+BatchOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size",
+        min=1,
+        max=4096,
+        metavar="N",
+        help=f"Images per CNN batch. Default: {CPU_BATCH_SIZE} on a CPU; on a GPU, sized to its free memory.",
+        show_default=False,
+    ),
+]
+ChannelsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--channels",
+        min=1,
+        metavar="D",
+        help="Embedding channels kept. Default: the backbone's, "
+        + ", ".join(f"{d} for {name}" for name, d in DEFAULT_CHANNELS.items())
+        + ".",
+        show_default=False,
+    ),
+]
+ImageSizeOpt = Annotated[
+    int, typer.Option("--image-size", min=32, max=2048, metavar="N", help="Side the images are resized to.")
+]
+CropOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--crop",
+        min=32,
+        max=2048,
+        metavar="N",
+        help=(
+            "Centre-crop side after resizing. Default: no crop, the whole image is inspected"
+            " (the PaDiM paper uses --image-size 256 --crop 224)."
+        ),
+        show_default=False,
+    ),
+]
+NoCropOpt = Annotated[bool, typer.Option("--no-crop", help="Use the whole resized image (the default).")]
+HoldoutOpt = Annotated[
+    float,
+    typer.Option("--holdout-fraction", min=0.0, max=0.9, help="Share of the good images held out for calibration."),
+]
+ImageFprOpt = Annotated[
+    float, typer.Option("--image-fpr", min=0.0, max=1.0, help="Target false-positive rate of the image threshold.")
+]
+PixelFprOpt = Annotated[
+    float, typer.Option("--pixel-fpr", min=0.0, max=1.0, help="Target false-positive rate of the pixel threshold.")
+]
 DaskOpt = Annotated[
     str | None,
     typer.Option(
@@ -161,7 +213,7 @@ def demo(
     ] = None,
     product: Annotated[str, typer.Option("--product", "-p", metavar="NAME", help="Product name.")] = "metal-plate",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic data set.")] = 0,
-    device: DeviceOpt = Device.auto,
+    device: DeviceOpt = Device(default_of(TrainSettings, "device")),
 ) -> None:
     """Run the whole job end to end on a synthetic product: nothing to download.
 
@@ -199,7 +251,7 @@ def train(
     store: StoreOpt = None,
     backbone: Annotated[
         Backbone, typer.Option("--backbone", help="Feature extractor (CNN pretrained on ImageNet).")
-    ] = Backbone.efficientnet_lite0,
+    ] = Backbone(default_of(PadimConfig, "backbone")),
     weights: Annotated[
         str | None,
         typer.Option(
@@ -210,39 +262,12 @@ def train(
             show_default=False,
         ),
     ] = None,
-    channels: Annotated[
-        int | None,
-        typer.Option(
-            "--channels",
-            min=1,
-            metavar="D",
-            help="Embedding channels kept (default 100; 550 for wide_resnet50_2).",
-            show_default=False,
-        ),
-    ] = None,
-    image_size: Annotated[
-        int | None,
-        typer.Option(
-            "--image-size", min=32, max=2048, metavar="N", help="Resize side (default 256).", show_default=False
-        ),
-    ] = None,
-    crop: Annotated[
-        int | None,
-        typer.Option(
-            "--crop",
-            min=32,
-            max=2048,
-            metavar="N",
-            help=(
-                "Centre-crop side after resizing (default: no crop, the whole image is inspected;"
-                " the PaDiM paper uses --image-size 256 --crop 224)."
-            ),
-            show_default=False,
-        ),
-    ] = None,
-    no_crop: Annotated[bool, typer.Option("--no-crop", help="Use the whole resized image (no centre crop).")] = False,
-    batch_size: BatchOpt = 32,
-    device: DeviceOpt = Device.auto,
+    channels: ChannelsOpt = None,
+    image_size: ImageSizeOpt = default_of(PadimConfig, "image_size"),
+    crop: CropOpt = default_of(PadimConfig, "crop_size"),
+    no_crop: NoCropOpt = False,
+    batch_size: BatchOpt = default_of(TrainSettings, "batch_size"),
+    device: DeviceOpt = Device(default_of(TrainSettings, "device")),
     calibration: Annotated[
         str | None,
         typer.Option(
@@ -252,19 +277,21 @@ def train(
             show_default=False,
         ),
     ] = None,
-    holdout_fraction: Annotated[
+    holdout_fraction: HoldoutOpt = default_of(TrainSettings, "holdout_fraction"),
+    image_fpr: ImageFprOpt = default_of(TrainSettings, "image_fpr"),
+    pixel_fpr: PixelFprOpt = default_of(TrainSettings, "pixel_fpr"),
+    max_skipped_fraction: Annotated[
         float,
-        typer.Option("--holdout-fraction", min=0.0, max=0.9, help="Share of the good images held out for calibration."),
-    ] = 0.1,
-    image_fpr: Annotated[
-        float,
-        typer.Option("--image-fpr", min=0.0, max=1.0, help="Target false-positive rate of the image threshold."),
-    ] = 0.01,
-    pixel_fpr: Annotated[
-        float,
-        typer.Option("--pixel-fpr", min=0.0, max=1.0, help="Target false-positive rate of the pixel threshold."),
-    ] = 0.001,
-    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Images per fit task.")] = 1000,
+        typer.Option(
+            "--max-skipped-fraction",
+            min=0.0,
+            max=1.0,
+            help="Largest share of unreadable training images before nothing is published.",
+        ),
+    ] = default_of(TrainSettings, "max_skipped_fraction"),
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Images per fit task.")] = default_of(
+        TrainSettings, "shard_size"
+    ),
     dask: DaskOpt = None,
     dask_workers: DaskWorkersOpt = None,
     as_json: JsonOpt = False,
@@ -288,7 +315,7 @@ def train(
     check_product(product)
     if no_crop and crop is not None:
         raise typer.BadParameter("give either --crop N or --no-crop, not both", param_hint="--crop")
-    build_config(backbone.value, weights, channels, image_size, crop, not no_crop)
+    build_config(backbone.value, weights, channels, image_size, crop)
     root = resolve_store(store)
     normal = check_folder(absolute_url(normal), "normal images")
     if calibration:
@@ -306,7 +333,6 @@ def train(
         channels=channels,
         image_size=image_size,
         crop_size=crop,
-        crop=not no_crop,
         batch_size=batch_size,
         device=device.value,
         shard_size=shard_size,
@@ -314,6 +340,7 @@ def train(
         calibration_url=calibration,
         image_fpr=image_fpr,
         pixel_fpr=pixel_fpr,
+        max_skipped_fraction=max_skipped_fraction,
     )
     if as_json:
         print_json(result)
@@ -348,9 +375,11 @@ def score(
             "--version", metavar="V", help="Model version to score with. Default: the latest.", show_default=False
         ),
     ] = None,
-    batch_size: BatchOpt = 32,
-    device: DeviceOpt = Device.auto,
-    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Images per score task.")] = 500,
+    batch_size: BatchOpt = default_of(ScoreSettings, "batch_size"),
+    device: DeviceOpt = Device(default_of(ScoreSettings, "device")),
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Images per score task.")] = default_of(
+        ScoreSettings, "shard_size"
+    ),
     no_heatmaps: Annotated[
         bool, typer.Option("--no-heatmaps", help="Do not write heat maps of anomalous images.")
     ] = False,
@@ -407,28 +436,21 @@ def evaluate(
         str,
         typer.Argument(metavar="DATASET_DIR", help="Data set in MVTec AD layout (train/good, test/*, ground_truth/*)."),
     ],
-    backbone: Annotated[Backbone, typer.Option("--backbone", help="Feature extractor.")] = Backbone.efficientnet_lite0,
+    backbone: Annotated[Backbone, typer.Option("--backbone", help="Feature extractor.")] = Backbone(
+        default_of(PadimConfig, "backbone")
+    ),
     weights: Annotated[
         str | None, typer.Option("--weights", metavar="URL", help="Backbone weights file.", show_default=False)
     ] = None,
-    channels: Annotated[
-        int | None, typer.Option("--channels", min=1, metavar="D", help="Embedding channels kept.", show_default=False)
-    ] = None,
-    image_size: Annotated[
-        int | None, typer.Option("--image-size", min=32, max=2048, metavar="N", help="Resize side.", show_default=False)
-    ] = None,
-    crop: Annotated[
-        int | None, typer.Option("--crop", min=32, max=2048, metavar="N", help="Centre-crop side.", show_default=False)
-    ] = None,
-    no_crop: Annotated[bool, typer.Option("--no-crop", help="No centre crop.")] = False,
-    batch_size: BatchOpt = 32,
-    device: DeviceOpt = Device.auto,
-    holdout_fraction: Annotated[
-        float,
-        typer.Option(
-            "--holdout-fraction", min=0.0, max=0.9, help="Share of train/good held out to calibrate thresholds."
-        ),
-    ] = 0.2,
+    channels: ChannelsOpt = None,
+    image_size: ImageSizeOpt = default_of(PadimConfig, "image_size"),
+    crop: CropOpt = default_of(PadimConfig, "crop_size"),
+    no_crop: NoCropOpt = False,
+    batch_size: BatchOpt = default_of(TrainSettings, "batch_size"),
+    device: DeviceOpt = Device(default_of(TrainSettings, "device")),
+    holdout_fraction: HoldoutOpt = default_of(TrainSettings, "holdout_fraction"),
+    image_fpr: ImageFprOpt = default_of(TrainSettings, "image_fpr"),
+    pixel_fpr: PixelFprOpt = default_of(TrainSettings, "pixel_fpr"),
     json_file: Annotated[
         Path | None, typer.Option("--json", metavar="FILE", help="Also write the metrics as JSON.", show_default=False)
     ] = None,
@@ -464,19 +486,17 @@ def evaluate(
         raise typer.BadParameter("--roc needs --figures DIR (the curves are drawn there)", param_hint="--roc")
     if no_crop and crop is not None:
         raise typer.BadParameter("give either --crop N or --no-crop, not both", param_hint="--crop")
-    config = build_config(backbone.value, weights, channels, image_size, crop, not no_crop)
-    from padim_cli.evaluate import run_evaluation
-
-    run_evaluation(
-        dataset_dir,
-        config,
+    config = build_config(backbone.value, weights, channels, image_size, crop)
+    settings = TrainSettings(
         batch_size=batch_size,
         device=device.value,
         holdout_fraction=holdout_fraction,
-        json_file=json_file,
-        figures=figures,
-        roc=roc,
+        image_fpr=image_fpr,
+        pixel_fpr=pixel_fpr,
     )
+    from padim_cli.evaluate import run_evaluation
+
+    run_evaluation(dataset_dir, config, settings, json_file=json_file, figures=figures, roc=roc)
 
 
 # ---- report ---------------------------------------------------------------------------------
@@ -675,9 +695,11 @@ def retrain(
     full: Annotated[bool, typer.Option("--full", help="Refit from scratch instead of adding the new images.")] = False,
     reason: Annotated[str, typer.Option("--reason", help="Why (recorded in the event).")] = "manual",
     store: StoreOpt = None,
-    batch_size: BatchOpt = 32,
-    device: DeviceOpt = Device.auto,
-    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Images per fit task.")] = 1000,
+    batch_size: BatchOpt = default_of(TrainSettings, "batch_size"),
+    device: DeviceOpt = Device(default_of(TrainSettings, "device")),
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Images per fit task.")] = default_of(
+        TrainSettings, "shard_size"
+    ),
     as_json: JsonOpt = False,
 ) -> None:
     """Add newly arrived good images to a product's model, or refit it, and publish a new version.
@@ -794,7 +816,7 @@ def nightly(
         typer.Option("--product", "-p", metavar="NAME", help="Only these products (repeatable).", show_default=False),
     ] = None,
     store: StoreOpt = None,
-    device: DeviceOpt = Device.auto,
+    device: DeviceOpt = Device(default_of(ScoreSettings, "device")),
     as_json: JsonOpt = False,
 ) -> None:
     """Score the night's images of every configured product (what the nightly deployment runs).

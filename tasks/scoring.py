@@ -6,25 +6,27 @@ from datetime import date
 
 from prefect import get_run_logger, task
 
-from padim.inspection import ScoreSettings, ShardReport, score_shard
-from padim.reports import compact_partition, scored_images
+from padim.inspection import ShardReport, score_shard
+from padim.reports import compact_partition, scored_contents
+from padim.settings import ScoreSettings
 from padim.store import ModelStore
 from tasks.policy import TASK_OPTIONS
 
 
 @task(name="already-scored", **TASK_OPTIONS)
-def already_scored_task(store_url: str, product: str, version: str) -> set[str]:
-    """URIs this model version has already scored successfully (for idempotent re-runs).
+def already_scored_task(store_url: str, product: str, version: str, day: date) -> dict[str, str]:
+    """What this model version already scored that night (for idempotent re-runs).
 
     Args:
         store_url: Store root (holds the reports).
         product: Product name.
         version: Model version.
+        day: Production date (only its report partition is read).
 
     Returns:
-        Image URIs with an ``ok`` row.
+        ``{image_uri: image_sha256}`` of the night's ``ok`` rows.
     """
-    return set(scored_images(store_url, product, version))
+    return scored_contents(store_url, product, version, day)
 
 
 @task(name="score-shard", **TASK_OPTIONS)
@@ -37,6 +39,7 @@ def score_shard_task(
     day: date,
     run_id: str,
     settings: ScoreSettings,
+    scored: dict[str, str] | None = None,
 ) -> ShardReport:
     """Score one shard and write its report file and heat maps.
 
@@ -49,13 +52,18 @@ def score_shard_task(
         day: Production date.
         run_id: Run identifier.
         settings: Score options.
+        scored: ``{uri: sha256}`` already scored that night by this version (skipped when unchanged).
 
     Returns:
         Counts, files and top anomalies (no tensors).
     """
-    report = score_shard(ModelStore(store_url), product, model_url, version, uris, day, run_id, settings)
+    report = score_shard(ModelStore(store_url), product, model_url, version, uris, day, run_id, settings, scored)
     get_run_logger().info(
-        "scored %d images: %d anomalies, %d errors", report.n_scored, report.n_anomalies, report.n_errors
+        "scored %d images: %d anomalies, %d errors, %d already scored",
+        report.n_scored,
+        report.n_anomalies,
+        report.n_errors,
+        report.n_skipped,
     )
     return report
 

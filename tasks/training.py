@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from prefect import get_run_logger, task
 
 from padim.config import PadimConfig
+from padim.settings import TrainSettings
 from padim.store import ModelStore
-from padim.training import PublishedModel, ShardOutcome, TrainSettings, finalize_and_publish, fit_shard, load_base_model
+from padim.training import PublishedModel, ShardOutcome, finalize_and_publish, fit_shard, load_base_model
 from tasks.policy import TASK_OPTIONS
 
 

@@ -22,6 +22,7 @@ from padim.evaluation import (
     write_figures,
     write_json,
 )
+from padim.settings import TrainSettings
 from padim.visualize import overlay_heatmap
 
 SIZE = 64
@@ -92,7 +93,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def calibrated_run(dataset: Path) -> EvaluationRun:
-    return run_evaluation(dataset, CONFIG, holdout_fraction=0.25, min_holdout=3, batch_size=8, compare_unmerged=True)
+    settings = TrainSettings(holdout_fraction=0.25, min_holdout=3, batch_size=8)
+    return run_evaluation(dataset, CONFIG, settings, compare_unmerged=True)
 
 
 def test_discover_layout(dataset: Path) -> None:
@@ -145,7 +147,8 @@ def test_evaluate_dataset_without_holdout_equals_the_merged_model(
     """Fitting on every training image (no hold-out) gives the model that merging the hold-out's
     statistics gave: same maps, same metrics. Also writes the figures."""
     figures = tmp_path / "figures"
-    result = evaluate_dataset(dataset, CONFIG, holdout_fraction=0.0, batch_size=8, figures_dir=figures, roc=True)
+    settings = TrainSettings(holdout_fraction=0.0, batch_size=8)
+    result = evaluate_dataset(dataset, CONFIG, settings, figures_dir=figures, roc=True)
     merged = summarize(calibrated_run)
     assert result.n_train == merged.n_train == 12
     assert result.image_auroc == pytest.approx(merged.image_auroc)

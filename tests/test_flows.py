@@ -29,13 +29,14 @@ from flows.train import train
 from flows.watch import watch
 from padim.artifact import read_training_images, save_model
 from padim.config import PadimConfig
+from padim.engine import fit_images
 from padim.errors import ConfigError, InvalidProductNameError, ModelNotFoundError, PadimError
 from padim.landing import list_batches, marker_url
-from padim.pipeline import fit_images
 from padim.products import read_product_settings, update_product_settings
 from padim.reports import query_reports, scored_images
+from padim.settings import TrainSettings
 from padim.store import ModelStore
-from padim.training import TrainSettings, plan_training
+from padim.training import plan_training
 from tasks.events import (
     DRIFT_DETECTED,
     INSPECTION_COMPLETED,

@@ -13,6 +13,7 @@ from sklearn.covariance import oas
 
 from padim.anomaly_map import image_scores
 from padim.config import PadimConfig
+from padim.features import FeatureBatch
 from padim.mahalanobis import (
     is_lower_triangular,
     mahalanobis_distances,
@@ -200,7 +201,8 @@ def test_model_scoring_equals_the_reference_composition(covariance: str) -> None
     acc.update(torch.from_numpy(train[:11]))
     acc.update(torch.from_numpy(train[11:]))
     model = build_model(config, acc, weights_sha256="random:0")
-    maps = model.anomaly_maps_from_embeddings(torch.from_numpy(test).float()).numpy()
+    embeddings = FeatureBatch.from_embedding(model.projector, torch.from_numpy(test).float())
+    maps = model.anomaly_maps(embeddings).numpy()
 
     flat_train = train.reshape(n, d, -1)
     flat_test = test.reshape(2, d, -1)

@@ -33,6 +33,7 @@ from flows.retrain import retrain
 from flows.score import score
 from flows.train import train
 from padim.artifact import MANIFEST, MODEL_FILE, TRAINING_FILE, load_model
+from padim.engine import summarise_batch
 from padim.errors import (
     IncompatibleModelError,
     InvalidProductNameError,
@@ -43,10 +44,10 @@ from padim.errors import (
 )
 from padim.images import ImageRecord
 from padim.inspection import cached_model, heatmap_url
-from padim.pipeline import summarise_batch
 from padim.reports import list_report_files, make_ok_row, query_reports, scored_images, write_report_rows
+from padim.settings import TrainSettings
 from padim.store import LATEST_POINTER, ModelStore
-from padim.training import TrainSettings, plan_training
+from padim.training import plan_training
 from tests.reliability_support import (
     BAD_FILES,
     CHEAP_MODEL,
@@ -420,13 +421,13 @@ def test_non_finite_anomaly_maps_become_error_rows(
     trained: TrainedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The model produces NaN / +inf / -inf maps for three images: the guard makes them error rows."""
-    import padim.pipeline
+    import padim.engine
 
     night = tmp_path / "night"
     write_images(str(night), 3, seed=7, prefix="fine")
     poisoned = NON_FINITE_MAPS
     write_defective(night, list(poisoned))
-    real = padim.pipeline.summarise_batch
+    real = padim.engine.summarise_batch
 
     def poisoning(model: Any, records: Any, maps: torch.Tensor, keep_maps: str) -> Any:
         maps = maps.clone()
@@ -436,7 +437,7 @@ def test_non_finite_anomaly_maps_become_error_rows(
                 maps[i, 3, 5] = value
         return real(model, records, maps, keep_maps)
 
-    monkeypatch.setattr(padim.pipeline, "summarise_batch", poisoning)
+    monkeypatch.setattr(padim.engine, "summarise_batch", poisoning)
     store = trained.copy_to(tmp_path / "store")
 
     result = score_folder(store, str(night))

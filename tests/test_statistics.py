@@ -309,5 +309,3 @@ def test_update_buffer_validates_before_holding() -> None:
     with pytest.raises(ValueError):
         buffer.add(torch.zeros(2, D + 1, P_SIDE, P_SIDE))
     assert buffer.pending == 0
-
-

@@ -39,6 +39,7 @@ from padim.backbones.weights import (
     load_weights_file,
     torchvision_cache_file,
 )
+from padim.config import DEFAULT_CHANNELS
 from padim.errors import ConfigError, WeightsUnavailableError
 
 RANDOM_WEIGHTS = "random"
@@ -54,7 +55,8 @@ class BackboneSpec:
         taps: Names of the tapped modules, shallow to deep.
         channels: Channels of each tap.
         strides: Stride of each tap relative to the input.
-        default_channels: The paper's ``d`` for this backbone.
+        default_channels: ``d`` when the configuration leaves ``channels`` unset
+            (:data:`padim.config.DEFAULT_CHANNELS`).
         mean: Per-channel normalisation mean (RGB).
         std: Per-channel normalisation standard deviation (RGB).
         cpu_micro_batch: Images per network call on a CPU (measured fastest on 2 cores, see
@@ -85,7 +87,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         taps=("blocks.1", "blocks.2", "blocks.4"),
         channels=(24, 40, 112),
         strides=(4, 8, 16),
-        default_channels=176,
+        default_channels=DEFAULT_CHANNELS["efficientnet_lite0"],
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
         cpu_micro_batch=4,
@@ -95,7 +97,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         taps=("layer1", "layer2", "layer3"),
         channels=(64, 128, 256),
         strides=(4, 8, 16),
-        default_channels=100,
+        default_channels=DEFAULT_CHANNELS["resnet18"],
         mean=_IMAGENET_MEAN,
         std=_IMAGENET_STD,
     ),
@@ -104,7 +106,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         taps=("layer1", "layer2", "layer3"),
         channels=(256, 512, 1024),
         strides=(4, 8, 16),
-        default_channels=550,
+        default_channels=DEFAULT_CHANNELS["wide_resnet50_2"],
         mean=_IMAGENET_MEAN,
         std=_IMAGENET_STD,
     ),

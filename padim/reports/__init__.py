@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from padim.reports.export import ExportFormat, export
 from padim.reports.layout import ReportFile, list_report_files
-from padim.reports.query import daily_summary, query_reports, scored_images
+from padim.reports.query import daily_summary, query_reports, scored_contents, scored_images
 from padim.reports.rows import ReportRows, make_error_row, make_ok_row, to_report_table
 from padim.reports.schema import (
     DEDUP_KEY,
@@ -43,6 +43,7 @@ __all__ = [
     "make_error_row",
     "make_ok_row",
     "query_reports",
+    "scored_contents",
     "scored_images",
     "to_report_table",
     "write_report_rows",

@@ -48,6 +48,7 @@ __all__ = [
     "deduplicate_table",
     "query_reports",
     "read_partition",
+    "scored_contents",
     "scored_images",
 ]
 
@@ -206,6 +207,37 @@ def scored_images(
         sql = f"SELECT DISTINCT image_uri FROM {reader.source}{_where(conditions)}"
         table = reader.fetch(sql, scope.params)
     return set(table.column("image_uri").to_pylist())
+
+
+def scored_contents(store_url: str, product: str, model_version: str, date: date | datetime | str) -> dict[str, str]:
+    """The images a model version has already scored on one night, with the content it scored.
+
+    Reads only that night's partition. A score run skips an image whose URI *and* content hash
+    are here (re-running a night adds no rows) and scores it again when the file changed under
+    the same name (the newer row then wins on read).
+
+    Args:
+        store_url: Store root.
+        product: Product name.
+        model_version: Model version that must have scored the image.
+        date: The production night.
+
+    Returns:
+        ``{image_uri: image_sha256}`` of every ``ok`` row kept by deduplication.
+
+    Raises:
+        ValueError: On an invalid product name or date.
+        StoreError: If the store cannot be listed or a report file cannot be read.
+    """
+    scope = _Scope.build(product, date, date, model_version)
+    files = scope.files(store_url)
+    if not files:
+        return {}
+    with _Reader(store_url, files) as reader:
+        kept, kept_params = reader.deduplicated_cte(scope)
+        sql = f"{kept} SELECT image_uri, image_sha256 FROM kept WHERE status = '{STATUS_OK}'"
+        table = reader.fetch(sql, kept_params)
+    return dict(zip(table.column("image_uri").to_pylist(), table.column("image_sha256").to_pylist(), strict=True))
 
 
 def read_partition(store_url: str, product: str, day: date | str) -> tuple[pa.Table, list[str]]:

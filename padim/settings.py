@@ -1,0 +1,153 @@
+"""Every default of a job, defined once.
+
+The model's own options (backbone, channels, image size, crop...) are :class:`padim.config.PadimConfig`;
+how a job runs is here: :class:`TrainSettings` (fit and calibrate), :class:`ScoreSettings` (a night's
+scoring and its drift check), :class:`RunnerSettings` (how many tasks run at once) and the batch size
+per device (:data:`CPU_BATCH_SIZE`, :data:`GPU_BATCH_SIZES`). The command line's options, the flows'
+parameters, ``padim evaluate``, the demo and the docs read their defaults from these models (a test
+checks that ``--help``, the flow signatures and the README agree with them); nothing else states a
+default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "CPU_BATCH_SIZE",
+    "GPU_BATCH_SIZES",
+    "ComputePath",
+    "RunnerSettings",
+    "ScoreSettings",
+    "TrainSettings",
+    "default_of",
+]
+
+ComputePath = Literal["auto", "fast", "plain"]
+"""Which implementation of fitting and scoring runs: ``"fast"`` (statistics and distances straight from
+the stage maps, no upsampled embedding), ``"plain"`` (the whole embedding), or ``"auto"`` (fast on a
+CPU, plain on a GPU, where the batched products win). Both give the same numbers (tested)."""
+
+CPU_BATCH_SIZE = 32
+"""Images per batch on a CPU (the network itself runs in micro-batches of 4-8, see the backbones)."""
+
+GPU_BATCH_SIZES: dict[str, int] = {"efficientnet_lite0": 256, "resnet18": 256, "wide_resnet50_2": 96}
+"""Images per batch on an 80 GB GPU at 224 x 224; scaled with the free memory and the input area."""
+
+
+def check_device(value: str) -> str:
+    """Validate a device name: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if value not in {"auto", "cpu", "cuda"} and not value.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {value!r}")
+    return value
+
+
+class TrainSettings(BaseModel):
+    """How to fit and calibrate a product model (besides the model configuration).
+
+    Attributes:
+        batch_size: Images per backbone batch; ``None`` picks one for the device (32 on a CPU,
+            scaled with free memory on a GPU).
+        device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+        shard_size: Images per fit task (hundreds to thousands: one task per shard, not per image).
+        holdout_fraction: Share of the normal images held out for threshold calibration (then
+            merged into the statistics).
+        min_holdout: Fewest held-out images.
+        calibration_url: A separate folder of normal images for calibration; then every listed
+            normal image is fitted and nothing is held out.
+        image_fpr: Target false-positive rate of the image threshold on normal images.
+        pixel_fpr: Target false-positive rate of the pixel threshold on normal pixels.
+        max_skipped_fraction: Largest share of the listed training images that may be skipped
+            (unreadable or undecodable files) before training refuses to publish.
+        seed: Seed of the held-out split.
+        path: Implementation of fitting and scoring (see :data:`ComputePath`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: int | None = Field(default=None, ge=1, le=4096)
+    device: str = "auto"
+    shard_size: int = Field(default=1000, ge=1)
+    holdout_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    min_holdout: int = Field(default=10, ge=1)
+    calibration_url: str | None = None
+    image_fpr: float = Field(default=0.01, gt=0.0, lt=1.0)
+    pixel_fpr: float = Field(default=0.001, gt=0.0, lt=1.0)
+    max_skipped_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
+    seed: int = 0
+    path: ComputePath = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return check_device(value)
+
+
+class ScoreSettings(BaseModel):
+    """How a score run works.
+
+    Attributes:
+        batch_size: Images per backbone batch; ``None`` picks one for the device.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        shard_size: Images per score task.
+        heatmaps: Write a heat-map PNG for every anomalous image.
+        drift_max_anomaly_rate: Share of anomalous images above which the night counts as
+            drifted; ``None`` = ``max(5 x the calibrated image FPR, 0.1)`` (with tens of held-out
+            images the realised false-positive rate scatters around its target by a few percent).
+        drift_max_median_ratio: Tonight's median score over the calibration median above which
+            the bulk of the scores counts as drifted.
+        drift_min_images: Fewest scored images for a drift decision.
+        path: Implementation of scoring (see :data:`ComputePath`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: int | None = Field(default=None, ge=1, le=4096)
+    device: str = "auto"
+    shard_size: int = Field(default=500, ge=1)
+    heatmaps: bool = True
+    drift_max_anomaly_rate: float | None = Field(default=None, gt=0.0, le=1.0)
+    drift_max_median_ratio: float = Field(default=1.5, gt=1.0)
+    drift_min_images: int = Field(default=20, ge=1)
+    path: ComputePath = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return check_device(value)
+
+
+class RunnerSettings(BaseModel):
+    """How many tasks of a flow run at once.
+
+    Attributes:
+        task_threads: Threads of the default task runner (``PADIM_TASK_THREADS``). Each score or
+            fit task runs the network with torch's own intra-op threads, so more task threads than
+            cores only helps while tasks wait for storage.
+        dask_workers: Worker processes of a local Dask cluster (``PADIM_DASK_WORKERS``).
+        model_cache: Loaded model versions a process keeps (least recently used first out).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task_threads: int = Field(default=2, ge=1)
+    dask_workers: int = Field(default=2, ge=1)
+    model_cache: int = Field(default=2, ge=1)
+
+
+def default_of(model: type[BaseModel], name: str) -> Any:
+    """The default value of one field of a settings model.
+
+    Args:
+        model: A settings model class (``TrainSettings``, ``ScoreSettings``, ``PadimConfig``...).
+        name: The field.
+
+    Returns:
+        Its default.
+
+    Raises:
+        KeyError: If the model has no such field.
+    """
+    return model.model_fields[name].default
