@@ -9,11 +9,16 @@ from prefect import flow, get_run_logger
 from flows.params import check_product, open_store
 from padim.landing import mark_announced, new_batches
 from padim.products import read_product_settings
+from padim.settings import WatchSettings, default_of
 from tasks.events import NORMAL_IMAGES_ADDED, emit_event_task
 
 
 @flow(name="padim-watch", validate_parameters=True)
-def watch(store: str | None = None, product: str | None = None, settle_seconds: float = 60.0) -> list[dict[str, Any]]:
+def watch(
+    store: str | None = None,
+    product: str | None = None,
+    settle_seconds: float = default_of(WatchSettings, "settle_seconds"),
+) -> list[dict[str, Any]]:
     """Emit ``padim.normal-images.added`` once per new, settled batch in each product's landing folder.
 
     Args:

@@ -17,6 +17,7 @@ from typing import Any
 from padim.errors import ConfigError
 from padim.fsio import exists, join_url, url_to_fs, write_bytes_atomic
 from padim.images import list_images
+from padim.settings import WatchSettings, default_of
 from padim.store import ModelStore
 
 
@@ -83,7 +84,12 @@ def marker_url(store: ModelStore, product: str, batch: LandingBatch) -> str:
     return store.artifact_url(product, "watch", f"{batch.name}.json")
 
 
-def new_batches(store: ModelStore, product: str, landing_url: str, settle_seconds: float = 60.0) -> list[LandingBatch]:
+def new_batches(
+    store: ModelStore,
+    product: str,
+    landing_url: str,
+    settle_seconds: float = default_of(WatchSettings, "settle_seconds"),
+) -> list[LandingBatch]:
     """Batches that have settled and were not announced yet.
 
     Args:

@@ -2,8 +2,9 @@
 
 The model's own options (backbone, channels, image size, crop...) are :class:`padim.config.PadimConfig`;
 how a job runs is here: :class:`TrainSettings` (fit and calibrate), :class:`ScoreSettings` (a night's
-scoring and its drift check), :class:`RunnerSettings` (how many tasks run at once) and the batch size
-per device (:data:`CPU_BATCH_SIZE`, :data:`GPU_BATCH_SIZES`). The command line's options, the flows'
+scoring and its drift check), :class:`WatchSettings` (new batches of normal images),
+:class:`RunnerSettings` (how many tasks run at once) and the batch size per device
+(:data:`CPU_BATCH_SIZE`, :data:`GPU_BATCH_SIZES`). The command line's options, the flows'
 parameters, ``padim evaluate``, the demo and the docs read their defaults from these models (a test
 checks that ``--help``, the flow signatures and the README agree with them); nothing else states a
 default.
@@ -22,6 +23,7 @@ __all__ = [
     "RunnerSettings",
     "ScoreSettings",
     "TrainSettings",
+    "WatchSettings",
     "default_of",
 ]
 
@@ -117,6 +119,18 @@ class ScoreSettings(BaseModel):
     @classmethod
     def _device(cls, value: str) -> str:
         return check_device(value)
+
+
+class WatchSettings(BaseModel):
+    """How the watch flow decides that a batch of new normal images has fully arrived.
+
+    Attributes:
+        settle_seconds: A landing batch must be unchanged this long before it is announced.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    settle_seconds: float = Field(default=60.0, ge=0.0)
 
 
 class RunnerSettings(BaseModel):

@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from padim.config import DEFAULT_CHANNELS, PadimConfig
-from padim.settings import CPU_BATCH_SIZE, ScoreSettings, TrainSettings, default_of
+from padim.settings import CPU_BATCH_SIZE, RunnerSettings, ScoreSettings, TrainSettings, WatchSettings, default_of
 from padim_cli.environment import apply_defaults, debug_enabled
 from padim_cli.errors import describe_error, exit_code_for
 from padim_cli.render import (
@@ -161,7 +161,13 @@ CropOpt = Annotated[
 NoCropOpt = Annotated[bool, typer.Option("--no-crop", help="Use the whole resized image (the default).")]
 HoldoutOpt = Annotated[
     float,
-    typer.Option("--holdout-fraction", min=0.0, max=0.9, help="Share of the good images held out for calibration."),
+    typer.Option(
+        "--holdout-fraction",
+        min=0.0,
+        max=0.9,
+        help="Share of the good images held out for calibration "
+        f"(at least {default_of(TrainSettings, 'min_holdout')} images).",
+    ),
 ]
 ImageFprOpt = Annotated[
     float, typer.Option("--image-fpr", min=0.0, max=1.0, help="Target false-positive rate of the image threshold.")
@@ -181,7 +187,10 @@ DaskOpt = Annotated[
 DaskWorkersOpt = Annotated[
     int | None,
     typer.Option(
-        "--dask-workers", min=1, help="Worker processes of a local Dask cluster (default 2).", show_default=False
+        "--dask-workers",
+        min=1,
+        help=f"Worker processes of a local Dask cluster (default {default_of(RunnerSettings, 'dask_workers')}).",
+        show_default=False,
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the full result as JSON instead of the summary.")]
@@ -223,7 +232,7 @@ def demo(
     shipped with the package) through the train flow, scores the night through the score flow
     (Parquet report and heat maps of the anomalous images), then prints the top anomalies, where
     the heat maps and the report are, and the image AUROC against the known labels. Takes 1-2
-    minute on 2 CPU cores.
+    minutes on 2 CPU cores.
 
     Examples:
 
@@ -273,7 +282,8 @@ def train(
         typer.Option(
             "--calibration",
             metavar="URL",
-            help="Separate folder of good images to calibrate the threshold on (default: hold some out).",
+            help="Separate folder of good images to calibrate the thresholds on. Default: hold a share of "
+            "--normal out (--holdout-fraction).",
             show_default=False,
         ),
     ] = None,
@@ -390,9 +400,11 @@ def score(
     """Score a folder of production images into the product's Parquet report.
 
     Runs the score flow (the nightly job): every image becomes one report row (unreadable files
-    too, with the reason), anomalous images get a heat map, and images this model version has
-    already scored are skipped, so a re-run adds nothing. Prints how many images were scored,
-    skipped, found anomalous and unreadable, and the top anomalies.
+    too, with the reason), anomalous images get a heat map, and images this model version already
+    scored that night with the same content are skipped, so a re-run adds nothing (a file rewritten
+    under the same name is scored again). If storage cannot deliver some images, the others are
+    scored and the command fails naming them; run it again to score the rest. Prints how many
+    images were scored, skipped, found anomalous and unreadable, and the top anomalies.
 
     Examples:
 
@@ -861,7 +873,7 @@ def watch(
     ] = None,
     settle_seconds: Annotated[
         float, typer.Option("--settle-seconds", min=0.0, help="A batch must be unchanged this long to be announced.")
-    ] = 60.0,
+    ] = default_of(WatchSettings, "settle_seconds"),
     as_json: JsonOpt = False,
 ) -> None:
     """Look once for new batches of good images in the products' landing folders.

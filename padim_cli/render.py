@@ -110,13 +110,21 @@ def train_lines(result: Mapping[str, Any]) -> list[str]:
     if result.get("n_calibration") is not None:
         lines.append(f"  calibration images  {result['n_calibration']} (held-out normal images)")
     if result.get("n_failed"):
-        lines.append(f"  unreadable images   {result['n_failed']} (skipped)")
+        lines.append(f"  unreadable images   {result['n_failed']} (skipped; not in the model)")
+        for failure in (result.get("failed") or [])[:FAILED_SHOWN]:
+            lines.append(f"    {failure['uri']}: {failure['reason']}")
+        if result["n_failed"] > FAILED_SHOWN:
+            lines.append(f"    ... and {result['n_failed'] - FAILED_SHOWN} more (--json lists the first 20)")
     lines.append(f"  image threshold     {_number(result.get('image_threshold'))}")
     if result.get("pixel_threshold") is not None:
         lines.append(f"  pixel threshold     {_number(result.get('pixel_threshold'))}")
     if result.get("url"):
         lines.append(f"  stored at           {result['url']}")
     return lines
+
+
+FAILED_SHOWN = 5
+"""Skipped training images a train summary names (with their reasons)."""
 
 
 def top_rows(top: Sequence[Mapping[str, Any]], limit: int = 10) -> list[list[object]]:
@@ -156,7 +164,7 @@ def score_lines(summary: Mapping[str, Any], report_url: str) -> list[str]:
         f"Scored {summary['product']} {summary['date']} with model {summary['model_version']}",
         f"  images              {summary['n_images']}",
         f"  scored              {summary['n_scored']}",
-        f"  skipped             {summary['n_skipped']} (already scored by this model version)",
+        f"  skipped             {summary['n_skipped']} (already scored tonight by this model version, same content)",
         f"  anomalies           {summary['n_anomalies']}",
         f"  errors              {summary['n_errors']} (unreadable images; each has a report row with the reason)",
         f"  report              {report_url}",
