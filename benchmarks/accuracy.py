@@ -412,7 +412,8 @@ def _seed_table(results: dict[str, dict[str, Any]]) -> list[str]:
         "### Paper protocol: spread over the random channel draw",
         "",
         "`python benchmarks/accuracy.py --seed-study 5`: the same 100-of-176 random selection with seeds "
-        "0-4, fitted on all of `train/good` (one backbone pass, channels selected from the full embedding).",
+        "0-4, fitted on all of `train/good` (no hold-out), each seed evaluated through `run_evaluation`, "
+        "the engine every job runs.",
         "",
         "| data set | seed | image AUROC | pixel AUROC | AUPRO 0.3 |",
         "|---|---|---|---|---|",
