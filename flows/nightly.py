@@ -11,7 +11,7 @@ from flows.params import check_product, open_store, parse_day
 from flows.score import score
 from padim.errors import PadimError
 from padim.products import configured_products, read_product_settings
-from padim.settings import ScoreSettings, default_of
+from padim.settings import Precision, Runtime, ScoreSettings, default_of
 
 
 @flow(name="padim-nightly", validate_parameters=True)
@@ -21,6 +21,8 @@ def nightly(
     days_ago: int = 0,
     products: list[str] | None = None,
     device: str = default_of(ScoreSettings, "device"),
+    runtime: Runtime = default_of(ScoreSettings, "runtime"),
+    precision: Precision = default_of(ScoreSettings, "precision"),
 ) -> dict[str, Any]:
     """Run the score flow for each product that has an ``incoming_url``.
 
@@ -32,6 +34,8 @@ def nightly(
         days_ago: Score the images of this many days ago (1 for a run after midnight).
         products: Only these products; default every configured one.
         device: ``auto``, ``cpu`` or ``cuda``.
+        runtime: Where the backbone runs (``auto``, ``torch``, ``openvino``).
+        precision: Arithmetic of the OpenVINO backbone (``f32``, ``bf16``).
 
     Returns:
         Per product: the score summary or the error.
@@ -55,6 +59,8 @@ def nightly(
                 store=model_store.root,
                 date=day.isoformat(),
                 device=device,
+                runtime=runtime,
+                precision=precision,
             )
         except Exception as exc:  # one product's failure must not stop the others
             logger.error("%s: %s", settings.product, exc)

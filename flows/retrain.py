@@ -12,7 +12,7 @@ from flows.train import artifact_key, failure_summary, fit_and_publish, summaris
 from padim.artifact import check_servable, read_training_images
 from padim.errors import ConfigError
 from padim.products import read_product_settings
-from padim.settings import TrainSettings, default_of
+from padim.settings import Precision, Runtime, TrainSettings, default_of
 from padim.training import MIN_FIT_IMAGES, TrainingPlan, plan_training
 from tasks.events import MODEL_PUBLISHED, emit_event_task, publish_artifacts_task
 from tasks.storage import list_images_task
@@ -44,6 +44,8 @@ def retrain(
     batch_size: int | None = default_of(TrainSettings, "batch_size"),
     device: str = default_of(TrainSettings, "device"),
     shard_size: int = default_of(TrainSettings, "shard_size"),
+    runtime: Runtime = default_of(TrainSettings, "runtime"),
+    precision: Precision = default_of(TrainSettings, "precision"),
 ) -> dict[str, Any]:
     """Update a product's model with new normal images and publish a new version.
 
@@ -64,6 +66,8 @@ def retrain(
         batch_size: Images per backbone batch; ``None`` fits the device.
         device: ``auto``, ``cpu`` or ``cuda``.
         shard_size: Images per fit task.
+        runtime: Where the backbone runs (``auto``, ``torch``, ``openvino``).
+        precision: Arithmetic of the OpenVINO backbone (``f32``, ``bf16``).
 
     Returns:
         ``status`` (``published`` or ``unchanged``), the version and counts.
@@ -79,6 +83,8 @@ def retrain(
     settings = TrainSettings(
         batch_size=batch_size,
         device=device,
+        runtime=runtime,
+        precision=precision,
         shard_size=shard_size,
         image_fpr=float(thresholds.get("image_fpr", default_of(TrainSettings, "image_fpr"))),
         pixel_fpr=float(thresholds.get("pixel_fpr", default_of(TrainSettings, "pixel_fpr"))),

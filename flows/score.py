@@ -11,7 +11,7 @@ from flows.runners import task_runner_from_env
 from flows.train import artifact_key, run_id
 from padim.errors import IncompleteRunError
 from padim.inspection import ShardReport, check_drift, merge_top, plan_scoring, resolve_model
-from padim.settings import ScoreSettings, TrainSettings, default_of
+from padim.settings import Precision, Runtime, ScoreSettings, TrainSettings, default_of
 from tasks.events import DRIFT_DETECTED, INSPECTION_COMPLETED, emit_event_task, publish_artifacts_task
 from tasks.scoring import already_scored_task, compact_partition_task, score_shard_task
 from tasks.storage import list_images_task
@@ -69,6 +69,8 @@ def score(
     drift_min_images: int = default_of(ScoreSettings, "drift_min_images"),
     drift_max_anomaly_rate: float | None = default_of(ScoreSettings, "drift_max_anomaly_rate"),
     drift_max_median_ratio: float = default_of(ScoreSettings, "drift_max_median_ratio"),
+    runtime: Runtime = default_of(ScoreSettings, "runtime"),
+    precision: Precision = default_of(ScoreSettings, "precision"),
 ) -> dict[str, Any]:
     """Score a night of production images into the Parquet report.
 
@@ -93,6 +95,9 @@ def score(
             model's calibrated false-positive rate).
         drift_max_median_ratio: Tonight's median score over the calibration median above which
             the night drifted.
+        runtime: Where the backbone runs: ``auto`` (OpenVINO on a CPU when installed), ``torch``
+            or ``openvino``.
+        precision: Arithmetic of the OpenVINO backbone: ``f32`` or ``bf16``.
 
     Returns:
         Counts (images, scored, skipped, anomalies, errors), the model version, the drift
@@ -112,9 +117,11 @@ def score(
         drift_min_images=drift_min_images,
         drift_max_anomaly_rate=drift_max_anomaly_rate,
         drift_max_median_ratio=drift_max_median_ratio,
+        runtime=runtime,
+        precision=precision,
     )
     model_store = open_store(store)
-    model = resolve_model(model_store, product, version, device=settings.device, path=settings.path)
+    model = resolve_model(model_store, product, version, settings)
     check_folder(images_url, "production images")
     uris = list_images_task(images_url)
     done = already_scored_task(model_store.root, product, model.version, day)

@@ -12,7 +12,7 @@ from flows.params import build_config, check_folder, check_product, open_store
 from flows.runners import task_runner_from_env
 from padim.config import PadimConfig
 from padim.products import update_product_settings
-from padim.settings import TrainSettings, default_of
+from padim.settings import Precision, Runtime, TrainSettings, default_of
 from padim.store import ModelStore
 from padim.training import PublishedModel, ShardOutcome, TrainingPlan, plan_training
 from tasks.events import MODEL_PUBLISHED, emit_event_task, publish_artifacts_task
@@ -131,6 +131,8 @@ def train(
     image_fpr: float = default_of(TrainSettings, "image_fpr"),
     pixel_fpr: float = default_of(TrainSettings, "pixel_fpr"),
     max_skipped_fraction: float = default_of(TrainSettings, "max_skipped_fraction"),
+    runtime: Runtime = default_of(TrainSettings, "runtime"),
+    precision: Precision = default_of(TrainSettings, "precision"),
 ) -> dict[str, Any]:
     """Fit a product's model on normal images and publish it as a new version.
 
@@ -154,6 +156,9 @@ def train(
         image_fpr: Target false-positive rate of the image threshold.
         pixel_fpr: Target false-positive rate of the pixel threshold.
         max_skipped_fraction: Largest share of unusable training images before nothing is published.
+        runtime: Where the backbone runs: ``auto`` (OpenVINO on a CPU when installed), ``torch``
+            or ``openvino``.
+        precision: Arithmetic of the OpenVINO backbone: ``f32`` or ``bf16``.
 
     Returns:
         ``version``, ``n_train``, ``n_calibration``, ``n_failed`` (with the first reasons in
@@ -171,6 +176,8 @@ def train(
         image_fpr=image_fpr,
         pixel_fpr=pixel_fpr,
         max_skipped_fraction=max_skipped_fraction,
+        runtime=runtime,
+        precision=precision,
     )
     model_store = open_store(store)
     check_folder(normal_url, "normal images")

@@ -33,7 +33,7 @@ from padim.images import ImageRecord, SkipRule, iter_batches
 from padim.model import PadimFitter, PadimModel, Thresholds, auto_batch_size
 from padim.preprocessing import input_to_original_xy
 from padim.progress import progress_bar
-from padim.settings import ComputePath
+from padim.settings import ComputePath, Precision, Runtime
 from padim.statistics import GaussianAccumulator
 
 KeepMaps = Literal["anomalous", "all", "none"]
@@ -126,6 +126,8 @@ def fit_images(
     batch_size: int | None = None,
     device: str | torch.device | None = "auto",
     path: ComputePath = "auto",
+    runtime: Runtime = "auto",
+    precision: Precision = "f32",
     accumulator: GaussianAccumulator | None = None,
     projector: EmbeddingProjector | None = None,
     skip: SkipRule | None = None,
@@ -140,6 +142,8 @@ def fit_images(
         batch_size: Images per backbone batch; ``None`` picks one for the device.
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         path: Implementation of the statistics (see :func:`padim.model.use_fast_path`).
+        runtime: Where the backbone runs (see :data:`padim.settings.Runtime`).
+        precision: Arithmetic of an OpenVINO backbone.
         accumulator: Statistics to continue from (incremental refit), or ``None``.
         projector: The channel reduction of the statistics being continued (default: drawn
             from the configuration's seed).
@@ -155,7 +159,15 @@ def fit_images(
         ImageReadError: Storage could not deliver an image (nothing is returned half-fitted).
     """
     start = time.perf_counter()
-    fitter = PadimFitter(config, device=device, accumulator=accumulator, projector=projector, path=path)
+    fitter = PadimFitter(
+        config,
+        device=device,
+        accumulator=accumulator,
+        projector=projector,
+        path=path,
+        runtime=runtime,
+        precision=precision,
+    )
     result = FitResult(accumulator=fitter.accumulator, weights_sha256=fitter.backbone.weights_sha256)
     size = batch_size or auto_batch_size(config, fitter.device)
     pin = fitter.device.type == "cuda"

@@ -307,13 +307,27 @@ def _fit_and_calibrate(
         fit_uris, holdout = [uri for shard in plan.fit_shards for uri in shard], plan.holdout
     else:  # the paper protocol: every image fitted, nothing calibrated
         fit_uris, holdout = list(train), []
-    fitted = fit_images(fit_uris, config, batch_size=settings.batch_size, device=settings.device, path=settings.path)
+    fitted = fit_images(
+        fit_uris,
+        config,
+        batch_size=settings.batch_size,
+        device=settings.device,
+        path=settings.path,
+        runtime=settings.runtime,
+        precision=settings.precision,
+    )
     for record in fitted.failed:
         logger.warning("skipping training image %s: %s", record.uri, record.error)
     n_fit, n_skipped = len(fitted.fitted), len(fitted.failed)
     if not holdout:
         model = build_model(
-            config, fitted.accumulator, weights_sha256=fitted.weights_sha256, keep_statistics=False, path=settings.path
+            config,
+            fitted.accumulator,
+            weights_sha256=fitted.weights_sha256,
+            keep_statistics=False,
+            path=settings.path,
+            runtime=settings.runtime,
+            precision=settings.precision,
         )
         return model, None, None, n_fit, n_skipped
     images = [(r.uri, r.sha256 or "") for r in fitted.fitted]

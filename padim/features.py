@@ -154,10 +154,10 @@ class FeatureExtractor(nn.Module):
             chunk = self.prepare(images[start : start + step])
             if self.amp_dtype is not None and chunk.device.type == "cuda":
                 with torch.autocast(device_type="cuda", dtype=self.amp_dtype):
-                    features = self.network(chunk)
+                    features = self.backbone.tap(chunk)
                 yield [f.float() for f in features]
             else:
-                yield self.network(chunk)
+                yield self.backbone.tap(chunk)
 
     @torch.inference_mode()
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:

@@ -35,7 +35,7 @@ from padim.images import load_pil
 from padim.model import PadimModel, resolve_device
 from padim.preprocessing import map_to_original
 from padim.reports import make_error_row, make_ok_row, write_report_rows
-from padim.settings import ComputePath, RunnerSettings, ScoreSettings, default_of
+from padim.settings import RunnerSettings, ScoreSettings, default_of
 from padim.store import ModelStore
 
 TOP_ANOMALIES = 10
@@ -110,12 +110,11 @@ def resolve_model(
     store: ModelStore,
     product: str,
     version: str | None = None,
-    device: str | None = None,
-    path: ComputePath = "auto",
+    settings: ScoreSettings | None = None,
 ) -> ResolvedModel:
     """Find and check the model version to score with, before any image is read.
 
-    With ``device``, the model is also loaded into this process's cache (:func:`cached_model`)
+    With ``settings``, the model is also loaded into this process's cache (:func:`cached_model`)
     and its backbone attached: every file's checksum, the tensors' shapes against the
     configuration (input size, channels) and the backbone weights' identity are then checked
     here, once, rather than in the first score task after the images were listed and read.
@@ -125,9 +124,8 @@ def resolve_model(
         store: Model store.
         product: Product name.
         version: A version name, or ``None`` for the latest.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` to load and check the whole model; ``None``
-            checks only the manifest.
-        path: Scoring implementation the model is loaded for (see :func:`cached_model`).
+        settings: How the run scores (device, compute path, runtime) to load and check the whole
+            model for; ``None`` checks only the manifest.
 
     Returns:
         The resolved version.
@@ -146,8 +144,8 @@ def resolve_model(
     thresholds = manifest.get("thresholds") or {}
     if not thresholds.get("image"):
         raise IncompatibleModelError(f"model {product} {version} has no calibrated threshold; retrain it")
-    if device is not None:
-        model = cached_model(url, device, path)
+    if settings is not None:
+        model = cached_model(url, settings)
         try:
             model.extractor()
         except ValueError as exc:  # the backbone or its weights differ from the model's
@@ -173,12 +171,12 @@ def plan_scoring(
     return [(shard, {u: scored[u] for u in shard if u in scored}) for shard in shards]
 
 
-_MODELS: OrderedDict[tuple[str, str, str], PadimModel] = OrderedDict()
+_MODELS: OrderedDict[tuple[str, ...], PadimModel] = OrderedDict()
 _MODELS_LOCK = threading.Lock()
 MODEL_CACHE_SIZE: int = default_of(RunnerSettings, "model_cache")
 
 
-def cached_model(url: str, device: str, path: ComputePath = "auto") -> PadimModel:
+def cached_model(url: str, settings: ScoreSettings) -> PadimModel:
     """Load a model version once per process (verified), then reuse it.
 
     The cache keeps the :data:`MODEL_CACHE_SIZE` most recently used versions (a version is a few
@@ -187,19 +185,19 @@ def cached_model(url: str, device: str, path: ComputePath = "auto") -> PadimMode
 
     Args:
         url: Version folder URL.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        path: Scoring implementation (see :func:`padim.model.use_fast_path`).
+        settings: Device, compute path, backbone runtime and precision to score with.
 
     Returns:
         The model on the device.
     """
-    key = (url, str(resolve_device(device)), path)
+    device = str(resolve_device(settings.device))
+    key = (url, device, settings.path, settings.runtime, settings.precision)
     with _MODELS_LOCK:
         if key in _MODELS:
             _MODELS.move_to_end(key)
             return _MODELS[key]
-        model = load_model(url, device=key[1])
-        model.path = path
+        model = load_model(url, device=device)
+        model.path, model.runtime, model.precision = settings.path, settings.runtime, settings.precision
         _MODELS[key] = model
         while len(_MODELS) > MODEL_CACHE_SIZE:
             _MODELS.popitem(last=False)
@@ -282,7 +280,7 @@ def score_shard(
     Raises:
         ImageReadError: Storage could not deliver an image; no row of the shard is written.
     """
-    model = cached_model(model_url, settings.device, settings.path)
+    model = cached_model(model_url, settings)
     if model.thresholds is None:
         raise IncompatibleModelError(f"model {product} {version} has no calibrated threshold; retrain it")
     report = ShardReport(n_images=len(uris))

@@ -29,7 +29,7 @@ from padim.mahalanobis import (
     whitening_from_accumulator,
 )
 from padim.preprocessing import Preprocessor
-from padim.settings import CPU_BATCH_SIZE, GPU_BATCH_SIZES, ComputePath
+from padim.settings import CPU_BATCH_SIZE, GPU_BATCH_SIZES, ComputePath, Precision, Runtime
 from padim.statistics import GaussianAccumulator, UpdateBuffer
 
 
@@ -311,6 +311,8 @@ class PadimFitter:
             default: drawn from the configuration's seed. Passing the stored one guarantees that
             new images are embedded with exactly the channels of the existing statistics.
         path: ``"auto"``, ``"fast"`` or ``"plain"`` (see :func:`use_fast_path`).
+        runtime: Where the backbone runs (:data:`~padim.settings.Runtime`).
+        precision: Arithmetic of an OpenVINO backbone (:data:`~padim.settings.Precision`).
     """
 
     def __init__(
@@ -321,11 +323,13 @@ class PadimFitter:
         amp_dtype: torch.dtype | None = None,
         projector: EmbeddingProjector | None = None,
         path: ComputePath = "auto",
+        runtime: Runtime = "auto",
+        precision: Precision = "f32",
     ) -> None:
         self.config = config
         self.device = resolve_device(device)
         self.spec = get_spec(config.backbone)
-        self.backbone = get_backbone(config.backbone, config.weights, self.device)
+        self.backbone = get_backbone(config.backbone, config.weights, self.device, runtime, precision)
         self.projector = (projector if projector is not None else new_projector(config)).to(self.device)
         self.extractor = FeatureExtractor(self.backbone, self.projector, amp_dtype=amp_dtype)
         h, w = grid_size(config, self.spec)
@@ -420,6 +424,8 @@ class PadimModel(nn.Module):
         thresholds: Calibrated decision thresholds, if any.
         accumulator: The raw statistics (kept for incremental refits), if available.
         path: ``"auto"``, ``"fast"`` or ``"plain"`` scoring (see :func:`use_fast_path`).
+        runtime: Where the backbone runs (:data:`~padim.settings.Runtime`).
+        precision: Arithmetic of an OpenVINO backbone (:data:`~padim.settings.Precision`).
     """
 
     def __init__(
@@ -433,6 +439,8 @@ class PadimModel(nn.Module):
         thresholds: Thresholds | None = None,
         accumulator: GaussianAccumulator | None = None,
         path: ComputePath = "auto",
+        runtime: Runtime = "auto",
+        precision: Precision = "f32",
     ) -> None:
         super().__init__()
         self.config = config
@@ -447,15 +455,22 @@ class PadimModel(nn.Module):
         self.grid = grid_size(config, self.spec)
         self.anomaly_map = AnomalyMapGenerator(config.input_size, config.blur_sigma)
         self.path: ComputePath = path
+        self.runtime: Runtime = runtime
+        self.precision: Precision = precision
         self._extractor: FeatureExtractor | None = None
         self._lock = threading.Lock()
         self._triangles: tuple[tuple[int, torch.device, torch.dtype], TriangleBlocks | None] | None = None
 
     def __getstate__(self) -> dict[str, object]:
-        """State for copies: everything but the lock (and the derived triangle blocks)."""
+        """State for copies: everything but the lock and what is derived (the triangle blocks, the
+        attached backbone, which a copy attaches again from the process's shared ones)."""
         state = dict(self.__dict__)
         state.pop("_lock", None)
         state["_triangles"] = None
+        modules = dict(state["_modules"])  # type: ignore[arg-type]
+        modules.pop("_extractor", None)
+        state["_modules"] = modules
+        state["_extractor"] = None
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
@@ -496,7 +511,8 @@ class PadimModel(nn.Module):
         with self._lock:
             if self._extractor is None:
                 device = self.mean.device
-                self.attach_backbone(get_backbone(self.config.backbone, self.config.weights, device))
+                backbone = get_backbone(self.config.backbone, self.config.weights, device, self.runtime, self.precision)
+                self.attach_backbone(backbone)
             extractor = self._extractor
         if extractor is None:
             raise RuntimeError("backbone could not be attached")
@@ -630,6 +646,8 @@ def build_model(
     factor_dtype: torch.dtype = torch.float32,
     keep_statistics: bool = True,
     path: ComputePath = "auto",
+    runtime: Runtime = "auto",
+    precision: Precision = "f32",
 ) -> PadimModel:
     """Finalise accumulated statistics into a model.
 
@@ -643,6 +661,8 @@ def build_model(
         factor_dtype: Storage dtype of the whitening factor.
         keep_statistics: Keep the accumulator on the model for incremental refits.
         path: Scoring implementation of the model (see :func:`use_fast_path`).
+        runtime: Where the model's backbone runs.
+        precision: Arithmetic of an OpenVINO backbone.
 
     Returns:
         The fitted model, on the accumulator's device.
@@ -675,5 +695,7 @@ def build_model(
         thresholds=thresholds,
         accumulator=accumulator if keep_statistics else None,
         path=path,
+        runtime=runtime,
+        precision=precision,
     )
     return model.to(accumulator.device)

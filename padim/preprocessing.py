@@ -81,19 +81,22 @@ class Preprocessor:
         """Resize, crop and normalise one image.
 
         Args:
-            image: Decoded image; converted to RGB if it is not.
+            image: Decoded image; converted to RGB if it is not (an 8-bit grayscale ``L`` image
+                after resizing and cropping: the same pixels, a third of the work).
 
         Returns:
             Tensor of shape ``(3, S, S)``, ``S = config.input_size``: float32 normalised, or
             ``uint8`` pixels when ``normalize`` is off.
         """
-        if image.mode != "RGB":
+        if image.mode not in ("RGB", "L"):
             image = image.convert("RGB")
         geometry = compute_geometry(image.width, image.height, self.config)
         if image.size != geometry.resized:
             image = image.resize(geometry.resized, Image.Resampling.BILINEAR, reducing_gap=None)
         if geometry.crop_box != (0, 0, *geometry.resized):
             image = image.crop(geometry.crop_box)
+        if image.mode == "L":
+            image = image.convert("RGB")
         if not self.normalize:
             return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
         array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) * (1.0 / 255.0)

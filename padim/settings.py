@@ -20,7 +20,9 @@ __all__ = [
     "CPU_BATCH_SIZE",
     "GPU_BATCH_SIZES",
     "ComputePath",
+    "Precision",
     "RunnerSettings",
+    "Runtime",
     "ScoreSettings",
     "TrainSettings",
     "WatchSettings",
@@ -31,6 +33,15 @@ ComputePath = Literal["auto", "fast", "plain"]
 """Which implementation of fitting and scoring runs: ``"fast"`` (statistics and distances straight from
 the stage maps, no upsampled embedding), ``"plain"`` (the whole embedding), or ``"auto"`` (fast on a
 CPU, plain on a GPU, where the batched products win). Both give the same numbers (tested)."""
+
+Runtime = Literal["auto", "torch", "openvino"]
+"""Where the backbone runs: ``"openvino"`` (CPU only; about 3x torch's speed with the same float32
+numbers), ``"torch"``, or ``"auto"`` (OpenVINO on a CPU when the package is installed, torch otherwise,
+e.g. on a GPU)."""
+
+Precision = Literal["f32", "bf16"]
+"""Arithmetic of the OpenVINO backbone: exact float32, or bfloat16 on CPUs that have it (faster; the
+accuracy it costs is measured in BENCHMARKS.md)."""
 
 CPU_BATCH_SIZE = 32
 """Images per batch on a CPU (the network itself runs in micro-batches of 4-8, see the backbones)."""
@@ -65,6 +76,8 @@ class TrainSettings(BaseModel):
             (unreadable or undecodable files) before training refuses to publish.
         seed: Seed of the held-out split.
         path: Implementation of fitting and scoring (see :data:`ComputePath`).
+        runtime: Where the backbone runs (see :data:`Runtime`).
+        precision: Arithmetic of the OpenVINO backbone (see :data:`Precision`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -80,6 +93,8 @@ class TrainSettings(BaseModel):
     max_skipped_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
     seed: int = 0
     path: ComputePath = "auto"
+    runtime: Runtime = "auto"
+    precision: Precision = "f32"
 
     @field_validator("device")
     @classmethod
@@ -102,6 +117,8 @@ class ScoreSettings(BaseModel):
             the bulk of the scores counts as drifted.
         drift_min_images: Fewest scored images for a drift decision.
         path: Implementation of scoring (see :data:`ComputePath`).
+        runtime: Where the backbone runs (see :data:`Runtime`).
+        precision: Arithmetic of the OpenVINO backbone (see :data:`Precision`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -114,6 +131,8 @@ class ScoreSettings(BaseModel):
     drift_max_median_ratio: float = Field(default=1.5, gt=1.0)
     drift_min_images: int = Field(default=20, ge=1)
     path: ComputePath = "auto"
+    runtime: Runtime = "auto"
+    precision: Precision = "f32"
 
     @field_validator("device")
     @classmethod

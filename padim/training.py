@@ -205,6 +205,8 @@ def fit_shard(
         batch_size=settings.batch_size,
         device=settings.device,
         path=settings.path,
+        runtime=settings.runtime,
+        precision=settings.precision,
         skip=skip,
         description=description,
     )
@@ -283,7 +285,9 @@ def finalize_and_publish(
             scored.
     """
     device = resolve_device(settings.device)
-    weights_sha256 = get_backbone(config.backbone, config.weights, device).weights_sha256
+    weights_sha256 = get_backbone(
+        config.backbone, config.weights, device, settings.runtime, settings.precision
+    ).weights_sha256
     identity = config_identity(config, weights_sha256)
     partials = [o.partial_url for o in outcomes if o.partial_url]
     images = [pair for o in outcomes for pair in o.fitted]
@@ -400,13 +404,12 @@ def calibrate_and_merge(
         PadimError: If no held-out image can be scored or the thresholds are degenerate.
         ImageReadError: Storage could not deliver a held-out image.
     """
-    provisional = build_model(
-        config, accumulator, weights_sha256=weights_sha256, keep_statistics=False, path=settings.path
-    )
+    execution = {"path": settings.path, "runtime": settings.runtime, "precision": settings.precision}
+    provisional = build_model(config, accumulator, weights_sha256=weights_sha256, keep_statistics=False, **execution)
     fitter = None
     if merge:
         fitter = PadimFitter(
-            config, accumulator.device, accumulator=accumulator, projector=provisional.projector, path=settings.path
+            config, accumulator.device, accumulator=accumulator, projector=provisional.projector, **execution
         )
     try:
         calibration = calibrate(
@@ -435,7 +438,7 @@ def calibrate_and_merge(
         calibration_images=held_out,
     )
     model = build_model(
-        config, accumulator, weights_sha256=weights_sha256, training=training, thresholds=thresholds, path=settings.path
+        config, accumulator, weights_sha256=weights_sha256, training=training, thresholds=thresholds, **execution
     )
     return CalibratedModel(model=model, provisional=provisional, calibration=calibration)
 

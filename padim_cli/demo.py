@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from padim.config import PadimConfig
-from padim.settings import default_of
+from padim.settings import TrainSettings, default_of
 from padim_cli.render import format_table
 from padim_cli.runner import check_backbone, check_product, resolve_store, run_flow, start_warm_up
 
@@ -148,7 +148,15 @@ def _top_table(rows: list[Mapping[str, Any]], labels: Mapping[str, str], base: P
     return format_table(("#", "image", "truth", "score", "norm.", "anomaly", "heat map"), table)
 
 
-def run_demo(workdir: Path, store: str | None, product: str, seed: int = 0, device: str = "auto") -> DemoOutcome:
+def run_demo(
+    workdir: Path,
+    store: str | None,
+    product: str,
+    seed: int = 0,
+    device: str = default_of(TrainSettings, "device"),
+    runtime: str = default_of(TrainSettings, "runtime"),
+    precision: str = default_of(TrainSettings, "precision"),
+) -> DemoOutcome:
     """Run the demo and print what it found.
 
     Args:
@@ -157,6 +165,8 @@ def run_demo(workdir: Path, store: str | None, product: str, seed: int = 0, devi
         product: Product name.
         seed: Seed of the synthetic data set.
         device: ``auto``, ``cpu`` or ``cuda``.
+        runtime: Where the CNN runs (``auto``, ``torch``, ``openvino``).
+        precision: Arithmetic of the OpenVINO CNN (``f32``, ``bf16``).
 
     Returns:
         The night's figures.
@@ -171,7 +181,8 @@ def run_demo(workdir: Path, store: str | None, product: str, seed: int = 0, devi
 
     clock = Stopwatch()
     # Prefect boots and the backbone loads while the data set is drawn
-    warm_up = start_warm_up(["train", "score"], preload=lambda: check_backbone(DEMO_BACKBONE, None, device))
+    execution = {"device": device, "runtime": runtime, "precision": precision}
+    warm_up = start_warm_up(["train", "score"], preload=lambda: check_backbone(DEMO_BACKBONE, None, **execution))
     dataset = make_demo_dataset(base / "data", seed=seed)
     n_train = len(list(dataset.train_dir.glob("*.png")))
     print(
@@ -186,7 +197,7 @@ def run_demo(workdir: Path, store: str | None, product: str, seed: int = 0, devi
         product=product,
         normal_url=str(dataset.train_dir),
         store=root,
-        device=device,
+        **execution,
     )
     print(
         f"[2/4] Trained {product} ({DEMO_BACKBONE}, ImageNet weights): version {trained['version']}, "
@@ -194,7 +205,7 @@ def run_demo(workdir: Path, store: str | None, product: str, seed: int = 0, devi
         f"threshold {trained['image_threshold']:.1f} ({clock.lap():.1f} s, Prefect start included)",
         flush=True,
     )
-    scored = run_flow("score", product=product, images_url=str(dataset.night_dir), store=root, date=day, device=device)
+    scored = run_flow("score", product=product, images_url=str(dataset.night_dir), store=root, date=day, **execution)
     print(
         f"[3/4] Scored the night of {day}: {scored['n_scored']} images, {scored['n_anomalies']} anomalies, "
         f"{scored['n_errors']} errors ({clock.lap():.1f} s)",

@@ -62,21 +62,23 @@ def check_folder(url: str, what: str) -> str:
     return check(url, what)
 
 
-def check_backbone(name: str, weights: str | None, device: str) -> None:
+def check_backbone(name: str, weights: str | None, device: str, runtime: str = "auto", precision: str = "f32") -> None:
     """Load the backbone and its weights now (cached for the flow's tasks in this process).
 
-    A missing ResNet weights file, a corrupt one or ``--device cuda`` without a GPU then fails
-    before the temporary Prefect server starts.
+    A missing ResNet weights file, a corrupt one, ``--device cuda`` without a GPU or a runtime that
+    cannot run there then fails before the temporary Prefect server starts.
 
     Args:
         name: Backbone name.
         weights: Weights file URL, ``"random"`` or ``None`` for the default source.
         device: ``auto``, ``cpu`` or ``cuda``.
+        runtime: ``auto``, ``torch`` or ``openvino``.
+        precision: ``f32`` or ``bf16``.
     """
     from padim.backbones import get_backbone
     from padim.model import resolve_device
 
-    get_backbone(name, weights, resolve_device(device))
+    get_backbone(name, weights, resolve_device(device), runtime, precision)  # type: ignore[arg-type]
 
 
 def check_store_exists(store: str) -> str:

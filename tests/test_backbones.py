@@ -243,3 +243,23 @@ def test_unknown_backbone_is_a_config_error() -> None:
         get_spec("vgg16")
     with pytest.raises(ConfigError):
         load_backbone("vgg16")
+
+
+@pytest.mark.parametrize(
+    ("name", "weights"), [("efficientnet_lite0", None), ("resnet18", "random"), ("wide_resnet50_2", "random")]
+)
+def test_batch_norms_folded_into_the_convolutions_give_the_same_taps(name: str, weights: str | None) -> None:
+    from padim.backbones.folding import fold_batch_norms
+
+    backbone = load_backbone(name, weights, runtime="torch")
+    before = {k: v.clone() for k, v in backbone.network.state_dict().items()}
+    folded = fold_batch_norms(backbone.network)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in backbone.network.modules())  # the original is untouched
+    assert all(torch.equal(before[k], v) for k, v in backbone.network.state_dict().items())
+    images = torch.randn(3, 3, 96, 96, generator=torch.Generator().manual_seed(13))
+    images = images.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected, got = backbone.network(images), backbone.tap(images)
+    for a, b in zip(got, expected, strict=True):
+        assert float((a - b).abs().max() / b.abs().max()) <= 1e-5

@@ -500,3 +500,59 @@ def test_loader_reads_from_s3(s3_bucket: str) -> None:  # noqa: F811
 
 def test_default_workers_positive() -> None:
     assert 1 <= images.default_num_workers() <= 16
+
+
+# ---- decoding speed-ups that must not change a pixel -------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_plain_pngs_inflated_by_libspng_equal_pils_pixels(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import padim.images
+
+    pytest.importorskip("pyspng")
+    rng = np.random.default_rng(11)
+    shape = (37, 53, 3) if mode == "RGB" else (37, 53)
+    pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode=mode).save(buffer, format="PNG", compress_level=6)
+    data = buffer.getvalue()
+    calls: list[int] = []
+    real = padim.images._spng.load
+    monkeypatch.setattr(padim.images._spng, "load", lambda d: calls.append(1) or real(d))
+
+    fast = decode_image(data, "x.png", keep_gray=True)
+
+    assert calls == [1] and fast.mode == mode
+    assert np.array_equal(np.asarray(fast), pixels)
+    monkeypatch.setattr(padim.images, "_spng", None)  # PIL's own decoder
+    slow = decode_image(data, "x.png", keep_gray=True)
+    assert np.array_equal(np.asarray(slow), np.asarray(fast))
+
+
+def test_pngs_with_transparency_or_palette_keep_pils_path() -> None:
+    import padim.images
+
+    rgba = Image.fromarray(np.full((8, 8, 4), 200, dtype=np.uint8), mode="RGBA")
+    palette = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8), mode="L").convert("P")
+    for image in (rgba, palette):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        with Image.open(io.BytesIO(buffer.getvalue())) as opened:
+            assert padim.images._inflate_plain_png(opened, buffer.getvalue()) is None
+
+
+def test_grayscale_images_resized_before_the_channel_copy_give_the_same_tensor(shared_dir: Path) -> None:
+    from padim.config import PadimConfig
+    from padim.preprocessing import Preprocessor
+
+    files = sorted((shared_dir / "datasets" / "magnetic_tile" / "train" / "good").glob("*.jpg"))[:5]
+    rng = np.random.default_rng(12)
+    generated = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (301, 247), dtype=np.uint8), mode="L").save(generated, format="JPEG")
+    blobs = [generated.getvalue(), *(f.read_bytes() for f in files)]
+    for config in (PadimConfig(), PadimConfig(image_size=256, crop_size=224)):
+        transform = Preprocessor(config, (0.5,) * 3, (0.5,) * 3, normalize=False)
+        for data in blobs:
+            gray = decode_image(data, "x.jpg", keep_gray=True)
+            assert gray.mode == "L"
+            assert torch.equal(transform(gray), transform(decode_image(data, "x.jpg")))

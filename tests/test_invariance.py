@@ -39,7 +39,7 @@ from padim.images import iter_batches
 from padim.inspection import cached_model
 from padim.model import PadimFitter, PadimModel
 from padim.reports import query_reports
-from padim.settings import TrainSettings
+from padim.settings import ScoreSettings, TrainSettings
 from padim.statistics import GaussianAccumulator
 from padim.training import fit_shard, merge_partials
 from tests.flow_helpers import local_dir, write_images
@@ -146,7 +146,8 @@ CASES = [
 def test_shared_model_scores_do_not_depend_on_threads_shards_or_batches(
     reference: Reference, threads: int, shard_size: int, batch_size: int
 ) -> None:
-    model = cached_model(reference.model_url, "cpu")  # the one model a process's task threads share
+    # The one model a process's task threads share.
+    model = cached_model(reference.model_url, ScoreSettings(device="cpu"))
     scores, maps = score_in_threads(model, reference.uris, threads, shard_size, batch_size)
     assert_matches(reference, scores, maps, f"{threads} threads, shards of {shard_size}, batches of {batch_size}")
 

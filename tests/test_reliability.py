@@ -45,7 +45,7 @@ from padim.errors import (
 from padim.images import ImageRecord
 from padim.inspection import cached_model, heatmap_url
 from padim.reports import list_report_files, make_ok_row, query_reports, scored_images, write_report_rows
-from padim.settings import TrainSettings
+from padim.settings import ScoreSettings, TrainSettings
 from padim.store import LATEST_POINTER, ModelStore
 from padim.training import plan_training
 from tests.reliability_support import (
@@ -474,7 +474,7 @@ def _ok_row(image_uri: str = "/x/0.png", run_id: str = "r1") -> dict[str, Any]:
 
 
 def test_the_guard_and_the_writer_refuse_non_finite_values(trained: TrainedStore, tmp_path: Path) -> None:
-    model = cached_model(ModelStore(trained.store).version_url(PRODUCT, trained.version), "cpu")
+    model = cached_model(ModelStore(trained.store).version_url(PRODUCT, trained.version), ScoreSettings(device="cpu"))
     side = model.config.input_size
     maps = torch.rand(5, side, side)
     maps[1, 0, 0], maps[2, 5, 5], maps[3, 7, 7] = float("nan"), float("inf"), float("-inf")

@@ -32,7 +32,9 @@ from padim.backbones.efficientnet import (
     map_state_dict,
     package_weights_path,
 )
+from padim.backbones.folding import fold_batch_norms
 from padim.backbones.resnet import WEIGHT_SHA256_PREFIX, WEIGHT_URLS, TruncatedResNet, build_resnet
+from padim.backbones.runtime import CompileOptions, OpenVinoNetwork, openvino_available, resolve_runtime
 from padim.backbones.weights import (
     LoadedWeights,
     download_to_torch_cache,
@@ -41,6 +43,7 @@ from padim.backbones.weights import (
 )
 from padim.config import DEFAULT_CHANNELS
 from padim.errors import ConfigError, WeightsUnavailableError
+from padim.settings import Precision, Runtime
 
 RANDOM_WEIGHTS = "random"
 _RANDOM_SEED = 0
@@ -115,24 +118,40 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 @dataclass
 class Backbone:
-    """A truncated, frozen network together with its description and weights identity.
+    """A truncated, frozen network together with its description, weights identity and runtime.
 
     Attributes:
         spec: Static description (taps, channels, normalisation).
-        network: Module mapping ``(B, 3, H, W)`` images to the tapped feature maps.
+        network: The torch module mapping ``(B, 3, H, W)`` images to the tapped feature maps.
         weights_sha256: Digest of the weights file, or ``"random:<seed>"``.
         weights_source: Where the weights were read from.
+        runtime: ``"torch"`` or ``"openvino"``: what :meth:`tap` runs.
+        runner: What :meth:`tap` calls: the OpenVINO network, or for torch a copy of ``network``
+            with its batch norms folded into the convolutions; ``None`` runs ``network`` itself.
     """
 
     spec: BackboneSpec
     network: nn.Module
     weights_sha256: str
     weights_source: str
+    runtime: str = "torch"
+    runner: OpenVinoNetwork | nn.Module | None = None
 
     @property
     def device(self) -> torch.device:
-        """Device holding the network's parameters."""
+        """Device holding the network's parameters (where :meth:`tap` takes its input)."""
         return next(self.network.parameters()).device
+
+    def tap(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The tapped maps of a (micro-)batch on this backbone's runtime.
+
+        Args:
+            images: Shape ``(B, 3, S, S)``, normalised float32, channels-last, on :attr:`device`.
+
+        Returns:
+            Float32 maps ``(B, C_i, H_i, W_i)``, shallow first.
+        """
+        return list((self.runner if self.runner is not None else self.network)(images))
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -210,7 +229,13 @@ def _build_network(spec: BackboneSpec, weights: str | None) -> tuple[nn.Module, 
     return network, digest, source
 
 
-def load_backbone(name: str, weights: str | None = None, device: str | torch.device = "cpu") -> Backbone:
+def load_backbone(
+    name: str,
+    weights: str | None = None,
+    device: str | torch.device = "cpu",
+    runtime: Runtime = "torch",
+    precision: Precision = "f32",
+) -> Backbone:
     """Build a truncated backbone with verified weights, in eval mode, gradients off.
 
     Args:
@@ -218,45 +243,68 @@ def load_backbone(name: str, weights: str | None = None, device: str | torch.dev
         weights: ``None`` for the default source, a local path or fsspec URL of a weights file,
             or ``"random"`` for an explicit seeded random initialisation.
         device: Device to place the network on.
+        runtime: ``"torch"``, ``"openvino"`` or ``"auto"`` (see :func:`resolve_runtime`).
+        precision: Arithmetic of the OpenVINO network (``"f32"`` or ``"bf16"``); torch runs float32.
 
     Returns:
         The backbone, ready for inference.
 
     Raises:
-        ConfigError: For an unknown backbone name.
+        ConfigError: For an unknown backbone name, runtime or precision, or a runtime that cannot
+            run on ``device``.
         WeightsUnavailableError: If the weights cannot be found offline, fail verification or
             do not fit the network.
     """
     spec = get_spec(name)
+    target = torch.device(device)
+    chosen = resolve_runtime(runtime, target)
+    if precision not in ("f32", "bf16"):
+        raise ConfigError(f"precision must be 'f32' or 'bf16', got {precision!r}")
     network, digest, source = _build_network(spec, weights)
     network.eval().requires_grad_(False)
-    network.to(device)
+    network.to(target)
     network.to(memory_format=torch.channels_last)
-    return Backbone(spec=spec, network=network, weights_sha256=digest, weights_source=source)
+    if chosen == "openvino":  # OpenVINO fuses the batch norms itself
+        options = CompileOptions(precision=precision, threads=torch.get_num_threads())
+        runner: OpenVinoNetwork | nn.Module = OpenVinoNetwork(network, name, digest, options, spec.cpu_micro_batch)
+    else:
+        runner = fold_batch_norms(network)
+    return Backbone(
+        spec=spec, network=network, weights_sha256=digest, weights_source=source, runtime=chosen, runner=runner
+    )
 
 
-_CACHE: dict[tuple[str, str | None, str], Backbone] = {}
+_CACHE: dict[tuple[str, str | None, str, str, str], Backbone] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def get_backbone(name: str, weights: str | None = None, device: str | torch.device = "cpu") -> Backbone:
+def get_backbone(
+    name: str,
+    weights: str | None = None,
+    device: str | torch.device = "cpu",
+    runtime: Runtime = "auto",
+    precision: Precision = "f32",
+) -> Backbone:
     """Return a process-wide shared backbone, building it on first use.
 
     Workers (threads of one process, or a Dask worker process) load each network once, not once
-    per task.
+    per task. The cache holds one entry per name, weights, device, runtime and precision in use.
 
     Args:
         name: Registry name.
         weights: As for :func:`load_backbone`.
         device: Device to place the network on.
+        runtime: ``"auto"`` (OpenVINO on a CPU when installed), ``"torch"`` or ``"openvino"``.
+        precision: Arithmetic of the OpenVINO network.
 
     Returns:
         The cached backbone.
     """
-    key = (name, weights, str(torch.device(device)))
+    target = torch.device(device)
+    key = (name, weights, str(target), resolve_runtime(runtime, target), precision)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            _CACHE[key] = load_backbone(name, weights, device)
+            _CACHE[key] = load_backbone(name, weights, target, key[3], precision)  # type: ignore[arg-type]
         return _CACHE[key]
 
 
@@ -265,8 +313,12 @@ __all__ = [
     "RANDOM_WEIGHTS",
     "Backbone",
     "BackboneSpec",
+    "Precision",
+    "Runtime",
     "get_backbone",
     "get_spec",
     "load_backbone",
     "map_state_dict",
+    "openvino_available",
+    "resolve_runtime",
 ]
