@@ -59,6 +59,7 @@ PAPER: dict[str, Any] = {
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "default": ("the shipped defaults (`PadimConfig()`: every channel, 224 x 224, no crop)", {}),
+    "default_bf16": ("the shipped defaults with the OpenVINO backbone in bfloat16 (`--precision bf16`)", {}),
     "paper": ("paper protocol: 100 random channels, S + 0.01 I, resize 256 + crop 224", {}),
     "semi_orthogonal": (
         "100-dim semi-orthogonal projection (Kim et al. 2021)",
@@ -77,6 +78,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 
+VARIANT_SETTINGS: dict[str, dict[str, Any]] = {"default_bf16": {"precision": "bf16"}}
+"""Job settings that differ from the shipped ones (``TrainSettings``), per variant."""
+
 ANCHORS: dict[str, dict[str, float]] = {
     "mvtec_bottle": {"image_auroc": 0.9976, "pixel_auroc": 0.9772, "aupro": 0.9075},
     "magnetic_tile": {"image_auroc": 0.9164, "pixel_auroc": 0.7733, "aupro": 0.7211},
@@ -91,7 +95,7 @@ def variant_config(name: str) -> Any:
     """The :class:`PadimConfig` of a variant (``default`` is ``PadimConfig()`` itself)."""
     from padim.config import PadimConfig
 
-    if name == "default":
+    if name.startswith("default"):
         return PadimConfig()
     _, overrides = VARIANTS[name]
     return PadimConfig(**{**PAPER, **overrides})
@@ -154,7 +158,7 @@ def run_worker(dataset_dir: Path, variant: str, batch_size: int) -> dict[str, An
 
     start = time.perf_counter()
     # The shipped training settings (hold-out share, target rates...), as `padim train` uses them.
-    settings = TrainSettings(batch_size=batch_size)
+    settings = TrainSettings(batch_size=batch_size, **VARIANT_SETTINGS.get(variant, {}))
     run = run_evaluation(dataset_dir, variant_config(variant), settings, compare_unmerged=True)
     result = summarize(run).to_dict()
     result.update(calibration_study(run))
@@ -451,6 +455,17 @@ def write_markdown(results: dict[str, dict[str, Any]], path: Path = MARKDOWN) ->
     path.write_text(text, encoding="utf-8")
 
 
+def unsupported_reason(variant: str) -> str | None:
+    """Why a variant cannot run on this machine (``None`` when it can)."""
+    if VARIANT_SETTINGS.get(variant, {}).get("precision") == "bf16":
+        import openvino
+
+        capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if "BF16" not in capabilities:
+            return f"this CPU has no bfloat16 support (OpenVINO reports {list(capabilities)})"
+    return None
+
+
 def _selected(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     datasets = args.dataset or list(DATASETS)
     variants = list(VARIANTS) if args.all_variants else (args.variant or ["paper"])
@@ -499,6 +514,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"data sets not found under {args.datasets_dir}: {missing}")
     for variant in variants:
+        reason = unsupported_reason(variant)
+        if reason:
+            print(f"skipping variant {variant}: {reason}", flush=True)
+            continue
         for dataset in datasets:
             result = run_subprocess(args.datasets_dir / dataset, variant, args.batch_size)
             print(json.dumps(result), flush=True)

@@ -117,7 +117,7 @@ class FeatureExtractor(nn.Module):
     @property
     def micro_batch(self) -> int | None:
         """Images per network call on a CPU (``None``: the whole batch, as on a GPU)."""
-        return self.backbone.spec.cpu_micro_batch if self.device.type == "cpu" else None
+        return self.backbone.micro_batch
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Move a batch to the device, normalise ``uint8`` pixels there, and use channels-last.

@@ -43,12 +43,15 @@ def whitening_from_accumulator(
     eps: float,
     shrinkage: str = "fixed",
     dtype: torch.dtype = torch.float32,
-    chunk: int = 512,
+    chunk: int = 64,
 ) -> torch.Tensor:
     """Finalise an accumulator straight into whitening factors, a chunk of positions at a time.
 
     The float64 covariances of all positions never exist at once, which keeps WideResNet50
-    (``d = 550``: 7.6 GB of float64 covariances) within memory.
+    (``d = 550``: 7.6 GB of float64 covariances) within memory. The chunk's covariance, Cholesky
+    factor and inverse live in three buffers of this call, reused from chunk to chunk: fresh
+    allocations of that size are mapped from the OS and page-faulted in every time, which cost a
+    quarter of the whole step (BENCHMARKS.md).
 
     Args:
         accumulator: Fitted statistics.
@@ -59,13 +62,36 @@ def whitening_from_accumulator(
 
     Returns:
         Whitening factors, shape ``(P, d, d)``.
+
+    Raises:
+        ValueError: If a covariance is not positive definite.
     """
     p, d = accumulator.num_positions, accumulator.dim
-    factor = torch.empty(p, d, d, dtype=dtype, device=accumulator.device)
+    device = accumulator.device
+    factor = torch.empty(p, d, d, dtype=dtype, device=device)
+    if shrinkage != "fixed":  # OAS builds its own tensors; the plain path below avoids every allocation
+        for start in range(0, p, chunk):
+            stop = min(p, start + chunk)
+            covariance = accumulator.covariance_block(start, stop, eps, shrinkage)
+            factor[start:stop].copy_(whitening_factor(covariance))  # converts while copying: one pass
+        return factor
+    accumulator.covariance_block(0, 1, eps)  # checks the image count (PadimError below two)
+    m2, scale = accumulator.m2, 1.0 / (accumulator.n - 1)
+    covariance = torch.empty(min(chunk, p), d, d, dtype=torch.float64, device=device)
+    lower, whitening = torch.empty_like(covariance), torch.empty_like(covariance)
+    info = torch.empty(min(chunk, p), dtype=torch.int32, device=device)
+    eye = torch.eye(d, dtype=torch.float64, device=device)
     for start in range(0, p, chunk):
         stop = min(p, start + chunk)
-        covariance = accumulator.covariance_block(start, stop, eps, shrinkage)
-        factor[start:stop] = whitening_factor(covariance).to(dtype)
+        k = stop - start
+        torch.mul(m2[start:stop], scale, out=covariance[:k])
+        covariance[:k].diagonal(dim1=1, dim2=2).add_(eps)
+        torch.linalg.cholesky_ex(covariance[:k], out=(lower[:k], info[:k]))
+        if bool((info[:k] > 0).any()):
+            bad = start + int(torch.nonzero(info[:k] > 0)[0, 0])
+            raise ValueError(f"covariance at position {bad} is not positive definite; increase eps")
+        torch.linalg.solve_triangular(lower[:k], eye.expand(k, d, d), upper=False, out=whitening[:k])
+        factor[start:stop].copy_(whitening[:k])  # converts while copying: one pass
     return factor
 
 

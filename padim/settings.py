@@ -35,13 +35,14 @@ the stage maps, no upsampled embedding), ``"plain"`` (the whole embedding), or `
 CPU, plain on a GPU, where the batched products win). Both give the same numbers (tested)."""
 
 Runtime = Literal["auto", "torch", "openvino"]
-"""Where the backbone runs: ``"openvino"`` (CPU only; about 3x torch's speed with the same float32
-numbers), ``"torch"``, or ``"auto"`` (OpenVINO on a CPU when the package is installed, torch otherwise,
-e.g. on a GPU)."""
+"""Where the backbone runs: ``"openvino"`` (CPU only; the same float32 numbers, 2.1x the speed of the
+unfolded torch network and 1.2x the folded one on the 2-core AVX2 host of BENCHMARKS.md), ``"torch"``,
+or ``"auto"`` (OpenVINO on a CPU when the package is installed, torch otherwise, e.g. on a GPU)."""
 
 Precision = Literal["f32", "bf16"]
-"""Arithmetic of the OpenVINO backbone: exact float32, or bfloat16 on CPUs that have it (faster; the
-accuracy it costs is measured in BENCHMARKS.md)."""
+"""Arithmetic of the OpenVINO backbone: exact float32, or bfloat16 on CPUs that have it (AVX512-BF16 or
+AMX; refused elsewhere, where OpenVINO would silently run float32). Not the default: its accuracy cost
+is yet to be measured on such a CPU (BENCHMARKS.md)."""
 
 CPU_BATCH_SIZE = 32
 """Images per batch on a CPU (the network itself runs in micro-batches of 4-8, see the backbones)."""

@@ -83,9 +83,9 @@ def backbone_loads() -> Iterator[list[tuple[str, str | None, str]]]:
     calls: list[tuple[str, str | None, str]] = []
     real = padim.backbones.load_backbone
 
-    def counting(name: str, weights: str | None = None, device: Any = "cpu") -> padim.backbones.Backbone:
+    def counting(name: str, weights: str | None = None, device: Any = "cpu", *rest: Any) -> padim.backbones.Backbone:
         calls.append((name, weights, str(device)))
-        return real(name, weights, device)
+        return real(name, weights, device, *rest)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(padim.backbones, "_CACHE", {})

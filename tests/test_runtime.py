@@ -73,8 +73,8 @@ def test_openvino_taps_equal_torchs(name: str, weights: str | None, side: int, s
     images = torch.stack([preprocess(image) for image in real_or_generated(shared_dir)])
     batch = images.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        for start in range(0, len(batch), openvino_backbone.spec.cpu_micro_batch):
-            chunk = batch[start : start + openvino_backbone.spec.cpu_micro_batch]  # the last one is padded
+        for start in range(0, len(batch), openvino_backbone.micro_batch):
+            chunk = batch[start : start + openvino_backbone.micro_batch]  # the last one is padded
             expected, got = torch_backbone.tap(chunk), openvino_backbone.tap(chunk)
             for stage, (a, b) in enumerate(zip(got, expected, strict=True)):
                 assert a.shape == b.shape and a.dtype == torch.float32
@@ -161,3 +161,18 @@ def test_without_openvino_auto_falls_back_to_torch_and_openvino_is_refused(monke
     assert resolve_runtime("auto", torch.device("cpu")) == "torch"
     with pytest.raises(ConfigError, match="pip install openvino"):
         resolve_runtime("openvino", torch.device("cpu"))
+
+
+def test_bf16_runs_in_bf16_or_is_refused_where_the_cpu_lacks_it() -> None:
+    import openvino
+
+    images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if "BF16" not in capabilities:  # OpenVINO itself would quietly run float32 and call it bf16
+        with pytest.raises(ConfigError, match=r"precision='bf16'.*--precision f32"):
+            load_backbone("resnet18", "random", runtime="openvino", precision="bf16")
+        return
+    exact = load_backbone("resnet18", "random", runtime="openvino").tap(images)
+    reduced = load_backbone("resnet18", "random", runtime="openvino", precision="bf16").tap(images)
+    for a, b in zip(reduced, exact, strict=True):
+        assert 0 < relative(a, b) <= 0.1  # really bfloat16 (not equal), and close

@@ -62,8 +62,9 @@ class BackboneSpec:
             (:data:`padim.config.DEFAULT_CHANNELS`).
         mean: Per-channel normalisation mean (RGB).
         std: Per-channel normalisation standard deviation (RGB).
-        cpu_micro_batch: Images per network call on a CPU (measured fastest on 2 cores, see
-            BENCHMARKS.md; also bounds the activation memory of a batch).
+        cpu_micro_batch: Images per network call on a CPU with torch (measured fastest on 2 cores,
+            see BENCHMARKS.md; also bounds the activation memory of a batch).
+        openvino_micro_batch: Images per call of the OpenVINO network (measured the same way).
     """
 
     name: str
@@ -74,6 +75,7 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     cpu_micro_batch: int = 8
+    openvino_micro_batch: int = 8
 
     @property
     def total_channels(self) -> int:
@@ -94,6 +96,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
         cpu_micro_batch=4,
+        openvino_micro_batch=2,
     ),
     "resnet18": BackboneSpec(
         name="resnet18",
@@ -141,6 +144,13 @@ class Backbone:
     def device(self) -> torch.device:
         """Device holding the network's parameters (where :meth:`tap` takes its input)."""
         return next(self.network.parameters()).device
+
+    @property
+    def micro_batch(self) -> int | None:
+        """Images per network call on a CPU (``None``: the whole batch, as on a GPU)."""
+        if self.device.type != "cpu":
+            return None
+        return self.spec.openvino_micro_batch if self.runtime == "openvino" else self.spec.cpu_micro_batch
 
     def tap(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The tapped maps of a (micro-)batch on this backbone's runtime.
@@ -266,7 +276,7 @@ def load_backbone(
     network.to(memory_format=torch.channels_last)
     if chosen == "openvino":  # OpenVINO fuses the batch norms itself
         options = CompileOptions(precision=precision, threads=torch.get_num_threads())
-        runner: OpenVinoNetwork | nn.Module = OpenVinoNetwork(network, name, digest, options, spec.cpu_micro_batch)
+        runner: OpenVinoNetwork | nn.Module = OpenVinoNetwork(network, name, digest, options, spec.openvino_micro_batch)
     else:
         runner = fold_batch_norms(network)
     return Backbone(
