@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import date, datetime, timezone
 
 from fsspec import AbstractFileSystem
@@ -27,11 +28,45 @@ def resolve_url(url: str, what: str) -> tuple[AbstractFileSystem, str]:
         ConfigError: For an empty URL, an unknown protocol or one whose fsspec package is missing.
     """
     if not url or not url.strip():
-        raise ConfigError(f"no {what} given")
+        raise ConfigError(f"no {what} given (an empty path would mean the current directory)")
+    scheme, separator, rest = url.partition("://")
+    if separator and scheme.lower() not in ("file", "local") and not rest.split("/", 1)[0].strip():
+        raise ConfigError(f"{what} {url!r} names no bucket: write {scheme}://<bucket>/<prefix>")
     try:
         return url_to_fs(url)
     except (ValueError, ImportError) as exc:
         raise ConfigError(f"{what} {url!r} is not a usable path or URL: {exc}") from exc
+
+
+def check_outside_store(url: str, store: ModelStore, what: str) -> str:
+    """Refuse an input folder that is the model store or lies inside it.
+
+    Scoring the store's own heat maps, or training on them, is never what was meant (an empty
+    ``--images`` run where the store lives did exactly that).
+
+    Args:
+        url: The input folder.
+        store: The model store.
+        what: What the folder is, for the message.
+
+    Returns:
+        The URL.
+
+    Raises:
+        ConfigError: If the folder is the store or inside it.
+    """
+    folder, root = _comparable(url), _comparable(store.root)
+    if folder == root or folder.startswith(root.rstrip("/") + "/"):
+        raise ConfigError(f"{what} folder {url} is inside the model store {store.root}; give the folder of the images")
+    return url
+
+
+def _comparable(url: str) -> str:
+    """A URL in a form where containment is a prefix test (local: real path; remote: protocol + path)."""
+    fs, path = url_to_fs(url)
+    if "://" not in url or url.lower().startswith(("file://", "local://")):
+        return os.path.realpath(path)
+    return fs.unstrip_protocol(path).rstrip("/")
 
 
 def open_store(store: str | None) -> ModelStore:

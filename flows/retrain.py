@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.params import check_folder, check_product, open_store
+from flows.params import check_folder, check_outside_store, check_product, open_store
 from flows.runners import task_runner_from_env
 from flows.train import artifact_key, failure_summary, fit_and_publish, summarise_version
 from padim.artifact import check_servable, read_training_images
@@ -93,7 +93,7 @@ def retrain(
     source = normal_url or product_settings.landing_url or product_settings.normal_url
     if not source:
         raise ConfigError(f"no folder of new normal images for {product!r}: pass normal_url or configure a landing_url")
-    check_folder(source, "normal images")
+    check_outside_store(check_folder(source, "normal images"), model_store, "normal images")
     uris = list_images_task(source)
     known = read_training_images(base_url)
     known_uris = {u for u, _ in known["fit"]} | {u for u, _ in known["calibration"]}

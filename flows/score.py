@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.params import check_folder, check_product, open_store, parse_day
+from flows.params import check_folder, check_outside_store, check_product, open_store, parse_day
 from flows.runners import task_runner_from_env
 from flows.train import artifact_key, run_id
 from padim.errors import IncompleteRunError
@@ -122,7 +122,7 @@ def score(
     )
     model_store = open_store(store)
     model = resolve_model(model_store, product, version, settings)
-    check_folder(images_url, "production images")
+    check_outside_store(check_folder(images_url, "production images"), model_store, "production images")
     uris = list_images_task(images_url)
     done = already_scored_task(model_store.root, product, model.version, day)
     plan = plan_scoring(uris, done, settings.shard_size)

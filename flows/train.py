@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.params import build_config, check_folder, check_product, open_store
+from flows.params import build_config, check_folder, check_outside_store, check_product, open_store
 from flows.runners import task_runner_from_env
 from padim.config import PadimConfig
 from padim.products import update_product_settings
@@ -180,9 +180,9 @@ def train(
         precision=precision,
     )
     model_store = open_store(store)
-    check_folder(normal_url, "normal images")
+    check_outside_store(check_folder(normal_url, "normal images"), model_store, "normal images")
     if calibration_url:
-        check_folder(calibration_url, "calibration images")
+        check_outside_store(check_folder(calibration_url, "calibration images"), model_store, "calibration images")
     uris = list_images_task(normal_url)
     calibration = list_images_task(calibration_url) if calibration_url else None
     plan = plan_training(uris, settings, calibration)

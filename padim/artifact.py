@@ -41,6 +41,7 @@ from padim.embedding import EmbeddingProjector
 from padim.errors import IncompatibleModelError, ModelIntegrityError, ModelNotFoundError, PadimError
 from padim.model import PadimModel, Thresholds, TrainingInfo, grid_size, resolve_channels
 from padim.statistics import GaussianAccumulator, pack_lower, unpack_lower
+from padim.store import check_manifest_weights
 
 MODEL_FORMAT = "padim.model/1"
 MANIFEST = "manifest.json"
@@ -271,9 +272,12 @@ def load_model(url: str, device: str | torch.device = "cpu", with_statistics: bo
         ModelNotFoundError: If there is no model at ``url``.
         ModelIntegrityError: If a file is missing or altered.
         IncompatibleModelError: If the running code cannot serve the model.
+        WeightsNotAllowedError: If the manifest names backbone weights outside the store and
+            ``$PADIM_WEIGHTS_ALLOW`` (:func:`padim.store.check_manifest_weights`).
     """
     manifest = read_manifest(url)
     config = check_servable(manifest)
+    check_manifest_weights(config.weights, url)
     files = manifest.get("files") or {}
     if MODEL_FILE not in files:
         raise ModelIntegrityError(f"model manifest at {url} lists no {MODEL_FILE}")

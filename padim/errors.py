@@ -20,6 +20,14 @@ class WeightsUnavailableError(PadimError):
     """Backbone weights cannot be found offline or fail verification."""
 
 
+class WeightsMismatchError(WeightsUnavailableError, ValueError):
+    """A weights file's sha256 differs from the one expected (the registry's or the model's)."""
+
+
+class WeightsNotAllowedError(WeightsUnavailableError, ValueError):
+    """A model manifest names backbone weights outside the locations a loaded model may read."""
+
+
 class ImageDecodeError(PadimError):
     """One image cannot be read or decoded; the run records it and goes on."""
 

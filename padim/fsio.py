@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
+import urllib.parse
 from typing import Any
 
 import fsspec
@@ -24,6 +25,7 @@ __all__ = [
     "fsync_dir",
     "is_local",
     "join_url",
+    "local_uri",
     "protocol_of",
     "read_bytes",
     "sha256_of",
@@ -52,15 +54,50 @@ _FILE_MODE = 0o666 & ~_current_umask()
 def url_to_fs(url: str) -> tuple[AbstractFileSystem, str]:
     """Resolve a URL to its filesystem and the path inside it.
 
+    A plain local path is taken literally (never parsed as an fsspec URL, where ``::`` chains
+    filesystems and would cut ``dbl::colon.png`` short) and normalised: made absolute, ``.``,
+    ``..`` and repeated ``/`` removed. A ``file://`` URL is percent-decoded (RFC 8089), which is how
+    :func:`local_uri` writes file names that are not valid UTF-8.
+
     Args:
         url: A local path, ``file://`` URL or remote URL such as ``s3://bucket/key``.
 
     Returns:
-        ``(fs, path)``; for local URLs ``path`` is absolute, for S3 it is ``bucket/key`` (no
-        protocol). The filesystem instance is fsspec's cached one for the default options.
+        ``(fs, path)``; for local URLs ``path`` is absolute and normalised, for S3 it is
+        ``bucket/key`` (no protocol), kept exactly (``::`` in a key included). The filesystem
+        instance is fsspec's cached one for the default options.
     """
-    fs, path = fsspec.core.url_to_fs(os.fspath(url))
+    url = os.fspath(url)
+    scheme, separator, rest = url.partition("://")
+    if separator and scheme.lower() in _LOCAL_PROTOCOLS:
+        url = os.fsdecode(urllib.parse.unquote_to_bytes(rest))
+    if not separator or scheme.lower() in _LOCAL_PROTOCOLS:
+        return fsspec.filesystem("file"), os.path.normpath(os.path.abspath(os.path.expanduser(url)))
+    if "::" in url:  # a key may contain "::"; fsspec would read it as a chain of filesystems
+        fs = fsspec.filesystem(scheme.lower())
+        return fs, fs._strip_protocol(url)
+    fs, path = fsspec.core.url_to_fs(url)
+    if _fs_is_local(fs):
+        path = os.path.normpath(path)
     return fs, path
+
+
+def local_uri(path: str) -> str:
+    """The URI of a local file as reports store it: the absolute path, or - for a name whose bytes
+    are not valid UTF-8 - a ``file://`` URL with every byte outside unreserved ASCII and ``/``
+    percent-encoded (lossless: :func:`url_to_fs` decodes it back to the same bytes).
+
+    Args:
+        path: Absolute local path as the OS returned it (undecodable bytes as surrogate escapes).
+
+    Returns:
+        ``path`` itself when it is valid UTF-8, else ``file://`` + the percent-encoded bytes.
+    """
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file://" + urllib.parse.quote(os.fsencode(path), safe="/")
+    return path
 
 
 def protocol_of(url: str) -> str:
@@ -100,7 +137,7 @@ def to_url(fs: AbstractFileSystem, path: str) -> str:
         ``s3://bucket/key`` for remote filesystems; the plain absolute path for local ones.
     """
     if _fs_is_local(fs):
-        return path
+        return local_uri(path)
     return fs.unstrip_protocol(path)
 
 

@@ -14,20 +14,29 @@ Decoding policy (what :func:`decode_image` returns is always an 8-bit ``RGB`` PI
   converted with PIL's standard conversion.
 * Images with alpha (``RGBA``, ``LA``, ``PA``, ``P`` with a transparency entry, ``RGBa``, ``La``)
   are composited on black: transparent pixels become black (not whatever colour the encoder left
-  under them), so two files that look the same give the same tensor.
+  under them), so two files that look the same give the same tensor. Premultiplied alpha
+  (``RGBa``, ``La``: TIFF "associated alpha") is unpremultiplied first, so the same rule applies.
 * 16-bit grayscale (``I;16*``) is scaled by the fixed full range, ``v8 = round(v16 / 257)``
   (65535 -> 255), never by the image's own min/max: absolute brightness stays comparable across
   images, so an under-exposed part still looks under-exposed. 32-bit ``I`` images whose values fit
   in 0..65535 are treated the same; others, and float ``F`` images outside 0..1, are scaled by
-  their actual min..max range (``F`` within 0..1 is multiplied by 255).
+  their actual min..max range (``F`` within 0..1 is multiplied by 255). A float image with any
+  NaN or infinite value is rejected (``"float image contains NaN or infinite values"``): it has
+  no meaningful brightness, and scoring it as a black image would hide a broken camera.
 * EXIF orientation is applied (:func:`PIL.ImageOps.exif_transpose`); width and height reported
   in :class:`ImageRecord` are the size after that rotation.
 * Speed without changing a pixel: plain 8-bit grayscale or RGB PNGs (no transparency, no EXIF) are
   inflated by libspng (``pyspng``, about 1.8x PIL's PNG decoder) after PIL has parsed the header and
   checked every chunk's CRC; the pixels are identical, so the result is too (tested). The loader
-  (:func:`read_image_record`) keeps 8-bit grayscale images as ``L`` for the transform, which resizes
-  them before replicating the channel (the same pixels as resizing the RGB copy, in a third of
-  the work).
+  (:func:`read_image_record`) keeps grayscale images (``L``, ``1``, ``LA``/``La`` after compositing,
+  16/32-bit and float after scaling) as ``L`` for the transform, which resizes them before
+  replicating the channel (the same pixels as resizing the RGB copy, in a third of the work).
+* Every step of one file's decoding (checks, pixel loading, EXIF orientation, mode conversion,
+  scaling, and the caller's transform in :func:`read_image_record`) runs inside that file's error
+  boundary: whatever PIL, numpy or libspng raise becomes that image's
+  :class:`~padim.errors.ImageDecodeError` (an error row), never an exception that stops the run.
+* Only regular files are read: on a local disk a FIFO, socket or device file is never listed and
+  reading one fails at once (``"not a regular file"``) instead of blocking.
 * Only the formats of :data:`SUPPORTED_FORMATS` are opened, whatever the file extension says
   (this also keeps PIL away from formats that call external programs).
 * The declared width x height is checked against ``max_pixels`` from the header, before any pixel
@@ -44,7 +53,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import os
+import stat
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -53,6 +64,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from fsspec import AbstractFileSystem
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from padim.errors import ConfigError, ImageDecodeError, ImageReadError, ImageSourceError
@@ -61,7 +73,7 @@ try:  # libspng: a faster PNG inflater, used where it gives PIL's pixels exactly
     import pyspng as _spng
 except ImportError:  # pragma: no cover - optional speed-up
     _spng = None
-from padim.fsio import to_url, url_to_fs
+from padim.fsio import is_local, to_url, url_to_fs
 
 __all__ = [
     "DEFAULT_EXTENSIONS",
@@ -79,6 +91,8 @@ __all__ = [
     "read_image",
     "read_image_record",
 ]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "bmp", "tif", "tiff")
 """File extensions :func:`list_images` keeps by default (matched case-insensitively)."""
@@ -187,21 +201,26 @@ def list_images(
             default: ``.ipynb_checkpoints``, macOS ``._x.png`` resource forks and the like).
 
     Returns:
-        Full URIs sorted lexicographically (deterministic): ``s3://bucket/key`` for S3, absolute
-        paths for local folders. An existing folder without images gives ``[]``.
+        Full URIs sorted lexicographically (deterministic): ``s3://bucket/key`` for S3 (keys kept
+        exactly); for local folders the normalised absolute path below the folder's real path
+        (symlinks of the folder resolved, ``..`` and ``//`` removed), so a folder named in several
+        ways gives the same URIs; a name whose bytes are not valid UTF-8 as a percent-encoded
+        ``file://`` URL (:func:`padim.fsio.local_uri`). An existing folder without images gives ``[]``.
 
     Raises:
         ImageSourceError: The folder does not exist, is a file, or cannot be listed.
     """
     wanted = _normalise_extensions(extensions)
     fs, root = url_to_fs(url)
+    if is_local(url):
+        root = os.path.realpath(root)  # one URI per file, whichever symlinked name the folder was given by
     try:
         fs.invalidate_cache(root)
         if not fs.isdir(root):
             if fs.exists(root):
                 raise ImageSourceError(f"not a folder: {url}")
             raise ImageSourceError(f"no such folder: {url}")
-        paths = fs.find(root, withdirs=False)
+        paths = _without_special_files(fs, fs.find(root, withdirs=False))
     except PermissionError as exc:
         raise ImageSourceError(f"cannot list {url}: permission denied") from exc
     except FileNotFoundError as exc:
@@ -211,6 +230,38 @@ def list_images(
     prefix = root.rstrip("/") + "/"
     kept = [to_url(fs, p) for p in paths if _has_extension(p, wanted) and (include_hidden or not _is_hidden(p, prefix))]
     return sorted(kept)
+
+
+def _is_special_local_file(fs: AbstractFileSystem, path: str) -> bool:
+    """True for a local path that exists and is neither a regular file nor a folder.
+
+    FIFOs, sockets and device files: opening one for reading can block forever (a FIFO waits for
+    a writer) or never end (``/dev/zero``). Symbolic links are followed; a path that cannot be
+    examined is left to the read, which reports it. Object stores hold only regular objects.
+    """
+    if not _is_local_fs(fs):
+        return False
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _is_local_fs(fs: AbstractFileSystem) -> bool:
+    """True for fsspec's local file system."""
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def _without_special_files(fs: AbstractFileSystem, paths: Iterable[str]) -> list[str]:
+    """Drop local FIFOs, sockets and device files from a listing, with a warning naming each."""
+    kept = []
+    for path in paths:
+        if _is_special_local_file(fs, path):
+            logger.warning("skipping %s: not a regular file (a FIFO, socket or device)", path)
+        else:
+            kept.append(path)
+    return kept
 
 
 def _normalise_extensions(extensions: Sequence[str]) -> frozenset[str]:
@@ -248,8 +299,9 @@ def decode_image(data: bytes, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS, ke
         data: The complete file content.
         uri: Where the bytes came from (only used in error messages).
         max_pixels: Largest accepted declared ``width * height``, checked before decoding.
-        keep_gray: Return an 8-bit grayscale image as ``L`` instead of replicating it into RGB
-            (for a transform that converts after resizing).
+        keep_gray: Return a grayscale source (``L``, ``1``, ``LA``/``La`` composited, 16/32-bit
+            or float scaled) as 8-bit ``L`` instead of replicating it into RGB (for a transform
+            that converts after resizing: the same pixels either way).
 
     Returns:
         A fully loaded ``RGB`` PIL image (or ``L`` with ``keep_gray``), EXIF orientation applied.
@@ -263,23 +315,57 @@ def decode_image(data: bytes, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS, ke
     if not data:
         raise _decode_error(uri, "empty file (0 bytes)")
     image = _open_image(data, uri)
+    opened = image
     try:
-        _check_declared_size(image, uri, max_pixels)
-        _check_complete(image, data, uri)
-        fast = _inflate_plain_png(image, data)
-        if fast is not None:
-            image.close()
-            image = fast
-        else:
-            _load_pixels(image, uri)
-        oriented = _apply_exif_orientation(image)
-        result = oriented if keep_gray and oriented.mode == "L" else _to_rgb(oriented)
-    except BaseException:
-        image.close()
+        result = _decode_opened(image, data, uri, max_pixels, keep_gray)
+    except ImageDecodeError:
+        opened.close()
         raise
-    if result is not image:
-        image.close()
+    except Exception as exc:  # the file's own error boundary: nothing from PIL/numpy escapes
+        opened.close()
+        raise _conversion_error(uri, opened.mode, exc) from exc
+    except BaseException:
+        opened.close()
+        raise
+    if result is not opened:
+        opened.close()
     return result
+
+
+def _decode_opened(image: Image.Image, data: bytes, uri: str, max_pixels: int, keep_gray: bool) -> Image.Image:
+    """Check, load, orient and convert an opened image (every step of one file's decoding).
+
+    Returns:
+        An ``RGB`` image, or ``L`` when ``keep_gray`` is set and the source is grayscale.
+
+    Raises:
+        ImageDecodeError: The file is oversized, truncated, corrupt or has non-finite values.
+        Exception: Anything PIL or numpy raise while converting (turned into an
+            :class:`ImageDecodeError` by :func:`decode_image`).
+    """
+    _check_declared_size(image, uri, max_pixels)
+    _check_complete(image, data, uri)
+    fast = _inflate_plain_png(image, data)
+    if fast is not None:
+        image.close()
+        image = fast
+    else:
+        _fix_libtiff_float_byte_order(image)
+        _load_pixels(image, uri)
+    oriented = _apply_exif_orientation(image)
+    if oriented is not image:
+        image.close()
+    _check_finite(oriented, uri)
+    result = _to_gray_or_rgb(oriented)
+    if result is not oriented:
+        oriented.close()
+    return result if keep_gray or result.mode == "RGB" else result.convert("RGB")
+
+
+def _conversion_error(uri: str, mode: str, error: Exception) -> ImageDecodeError:
+    """Describe an unexpected failure while decoding or converting one image."""
+    detail = f"{type(error).__name__}: {_describe(error)}"
+    return _decode_error(uri, f"cannot decode or convert image (mode {mode}; {detail})")
 
 
 def _inflate_plain_png(image: Image.Image, data: bytes) -> Image.Image | None:
@@ -413,6 +499,26 @@ def _load_pixels(image: Image.Image, uri: str) -> None:
         raise _decode_error(uri, f"truncated or corrupt image data ({_describe(exc)})") from exc
 
 
+def _fix_libtiff_float_byte_order(image: Image.Image) -> None:
+    """Read compressed big-endian float TIFFs in the byte order libtiff delivers (native).
+
+    libtiff returns decompressed samples in the host's byte order; Pillow (up to at least 13.0)
+    corrects that for 16-bit samples but unpacks 32-bit floats as big-endian again, so a compressed
+    ``MM`` float TIFF came back as finite garbage (NaN and infinity hidden). This does for floats
+    what Pillow does for 16-bit samples; a tile Pillow already reads natively is left alone.
+    """
+    if image.format != "TIFF" or image.mode != "F":
+        return
+    make_tile = getattr(ImageFile, "_Tile", None) or (lambda *parts: tuple(parts))  # Pillow < 11: tuples
+    fixed = []
+    for tile in image.tile:
+        codec, extents, offset, args = tile[:4]
+        if codec == "libtiff" and isinstance(args, tuple) and args and args[0] == "F;32BF":
+            tile = make_tile(codec, extents, offset, ("F;32NF", *args[1:]))
+        fixed.append(tile)
+    image.tile = fixed
+
+
 def _describe(error: BaseException) -> str:
     """One-line description of a low-level error."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -433,31 +539,53 @@ def _apply_exif_orientation(image: Image.Image) -> Image.Image:
         return image
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any supported mode to 8-bit RGB (policy in the module docstring)."""
+def _check_finite(image: Image.Image, uri: str) -> None:
+    """Reject a float image holding NaN or infinite values (it has no meaningful brightness)."""
+    if image.mode != "F":
+        return
+    if not np.isfinite(np.asarray(image)).all():
+        raise _decode_error(uri, "float image contains NaN or infinite values")
+
+
+def _to_gray_or_rgb(image: Image.Image) -> Image.Image:
+    """Convert any supported mode to 8-bit ``L`` (grayscale sources) or ``RGB`` (policy in the module docstring).
+
+    Raises:
+        ValueError: PIL cannot convert the mode (reported per file by :func:`decode_image`).
+    """
     mode = image.mode
-    if mode == "RGB":
+    if mode in ("RGB", "L"):
         return image
     if mode in _HIGH_DEPTH_16 or mode in ("I", "F"):
-        return _high_depth_to_rgb(image)
+        return _high_depth_to_gray(image)
+    if mode == "1":
+        return image.convert("L")
     if mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-        mode = "RGBA"
+        return _composite_on_black(image.convert("RGBA"))
     if mode in _ALPHA_MODES:
         return _composite_on_black(image)
     return image.convert("RGB")
 
 
 def _composite_on_black(image: Image.Image) -> Image.Image:
-    """Composite an image with alpha over a black background."""
-    rgba = image.convert("RGBA")
-    background = Image.new("RGB", rgba.size, (0, 0, 0))
-    background.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+    """Composite an image with alpha over a black background.
+
+    Premultiplied modes (``La``, ``RGBa``) are unpremultiplied first, so every alpha mode follows
+    the same rule: a transparent pixel is black whatever colour is stored under it.
+
+    Returns:
+        ``L`` for grayscale with alpha (``LA``, ``La``), ``RGB`` otherwise.
+    """
+    gray = image.mode in ("LA", "La")
+    straight = image.convert("LA" if gray else "RGBA")
+    base_mode = "L" if gray else "RGB"
+    background = Image.new(base_mode, straight.size, 0)
+    background.paste(straight.convert(base_mode), mask=straight.getchannel("A"))
     return background
 
 
-def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
-    """Scale a 16/32-bit integer or float grayscale image to 8-bit RGB."""
+def _high_depth_to_gray(image: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit integer or (finite) float grayscale image to 8-bit ``L``."""
     values = np.asarray(image)
     if image.mode in _HIGH_DEPTH_16 or _fits_16bit(image.mode, values):
         scaled = _scale_full_16bit(values)
@@ -465,8 +593,7 @@ def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
         scaled = np.rint(np.nan_to_num(values.astype(np.float64)) * 255.0)
     else:
         scaled = _scale_by_range(values)
-    gray = Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), mode="L")
-    return gray.convert("RGB")
+    return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8))
 
 
 def _fits_16bit(mode: str, values: np.ndarray) -> bool:
@@ -592,7 +719,8 @@ def _read_raw(uri: str) -> bytes:
     """Read a file's bytes.
 
     What is a property of the file becomes an :class:`ImageDecodeError` (the image gets an error
-    row): it is a folder, it is gone, or - on a local disk - its permissions forbid reading. Any
+    row): it is a folder, it is gone, or - on a local disk - its permissions forbid reading or it is
+    not a regular file (a FIFO, socket or device: refused before opening, never read). Any
     other failure is a storage fault: the read is retried, then :class:`ImageReadError` is raised.
 
     Raises:
@@ -600,7 +728,9 @@ def _read_raw(uri: str) -> bytes:
         ImageReadError: Storage failed :data:`READ_ATTEMPTS` times.
     """
     fs, path = url_to_fs(uri)
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    local = _is_local_fs(fs)
+    if _is_special_local_file(fs, path):
+        raise _decode_error(uri, "not a regular file (a FIFO, socket or device)")
     wait = READ_RETRY_WAIT_S
     for attempt in range(1, READ_ATTEMPTS + 1):
         try:

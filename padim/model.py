@@ -511,7 +511,9 @@ class PadimModel(nn.Module):
         with self._lock:
             if self._extractor is None:
                 device = self.mean.device
-                backbone = get_backbone(self.config.backbone, self.config.weights, device, self.runtime, self.precision)
+                backbone = get_backbone(
+                    self.config.backbone, self.config.weights, device, self.runtime, self.precision, self.weights_sha256
+                )  # the file is parsed only if its sha256 is the model's
                 self.attach_backbone(backbone)
             extractor = self._extractor
         if extractor is None:

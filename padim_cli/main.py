@@ -363,9 +363,9 @@ def train(
         raise typer.BadParameter("give either --crop N or --no-crop, not both", param_hint="--crop")
     build_config(backbone.value, weights, channels, image_size, crop)
     root = resolve_store(store)
-    normal = check_folder(absolute_url(normal), "normal images")
+    normal = check_folder(absolute_url(normal, "normal images folder"), "normal images", root)
     if calibration:
-        calibration = check_folder(absolute_url(calibration), "calibration images")
+        calibration = check_folder(absolute_url(calibration, "calibration images folder"), "calibration images", root)
     check_backbone(backbone.value, weights, device.value, runtime.value, precision.value)
     result = run_flow(
         "train",
@@ -454,8 +454,8 @@ def score(
     """
     check_product(product)
     root = resolve_store(store)
+    images = check_folder(absolute_url(images, "production images folder"), "production images", root)
     check_model(root, product, version)
-    images = check_folder(absolute_url(images), "production images")
     result = run_flow(
         "score",
         dask=dask,
@@ -778,9 +778,9 @@ def retrain(
     """
     check_product(product)
     root = resolve_store(store)
+    if normal is not None:
+        normal = check_folder(absolute_url(normal, "normal images folder"), "normal images", root)
     check_model(root, product, None)
-    if normal:
-        normal = check_folder(absolute_url(normal), "normal images")
     result = run_flow(
         "retrain",
         product=product,
@@ -850,8 +850,8 @@ def configure(
         settings = update_product_settings(
             model_store,
             product,
-            incoming_url=absolute_url(incoming) if incoming else None,
-            landing_url=absolute_url(landing) if landing else None,
+            incoming_url=absolute_url(incoming, "incoming folder") if incoming is not None else None,
+            landing_url=absolute_url(landing, "landing folder") if landing is not None else None,
         )
         print(f"Saved the settings of {product} in {model_store.root}")
     for name, value in settings.model_dump().items():

@@ -30,22 +30,38 @@ __all__ = [
 ]
 
 
-def absolute_url(url: str) -> str:
+def absolute_url(url: str, what: str = "folder") -> str:
     """A local path made absolute (``~`` expanded); URLs with a scheme (``s3://``) unchanged.
 
     Folders are recorded in the store (the product's settings), so they must not depend on the
     directory the command happened to run in.
+
+    Raises:
+        ConfigError: For an empty or blank path (it would silently mean the current directory) or a
+            URL without a bucket (``s3://``).
     """
+    from flows.params import resolve_url
+
+    resolve_url(url, what)
     if "://" in url:
         return url
     return str(Path(url).expanduser().absolute())
 
 
 def resolve_store(store: str | None) -> str:
-    """The store root URL: ``store``, else ``$PADIM_STORE``, else ``./padim-store`` (absolute)."""
+    """The store root URL: ``store``, else ``$PADIM_STORE``, else ``./padim-store`` (absolute).
+
+    Raises:
+        ConfigError: For an empty ``store`` or a URL without a bucket.
+    """
+    from flows.params import resolve_url
     from padim.store import ModelStore
 
-    return ModelStore(store).root
+    if store is not None:
+        resolve_url(store, "store")
+    root = ModelStore(store).root
+    resolve_url(root, "store")
+    return root
 
 
 def check_product(product: str) -> str:
@@ -55,11 +71,20 @@ def check_product(product: str) -> str:
     return validate_product(product)
 
 
-def check_folder(url: str, what: str) -> str:
-    """Check that an input folder exists (raises ``ConfigError`` naming it)."""
-    from flows.params import check_folder as check
+def check_folder(url: str, what: str, store: str | None = None) -> str:
+    """Check that an input folder exists and, given the store root, lies outside the store.
 
-    return check(url, what)
+    Raises:
+        ConfigError: Naming the folder.
+    """
+    from flows.params import check_folder as check
+    from flows.params import check_outside_store
+    from padim.store import ModelStore
+
+    check(url, what)
+    if store is not None:
+        check_outside_store(url, ModelStore(store), what)
+    return url
 
 
 def check_backbone(name: str, weights: str | None, device: str, runtime: str = "auto", precision: str = "f32") -> None:

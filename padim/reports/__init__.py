@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+from padim.reports.errors import CorruptReportError, ReportQueryError
 from padim.reports.export import ExportFormat, export
 from padim.reports.layout import ReportFile, list_report_files
 from padim.reports.query import daily_summary, query_reports, scored_contents, scored_images
@@ -23,6 +24,7 @@ from padim.reports.schema import (
     SUMMARY_SCHEMA,
     check_additive_evolution,
 )
+from padim.reports.screening import quarantine_corrupt_reports
 from padim.reports.writer import compact_partition, compact_reports, write_report_rows
 
 __all__ = [
@@ -31,8 +33,10 @@ __all__ = [
     "REPORT_SCHEMA",
     "REPORT_SCHEMA_VERSION",
     "SUMMARY_SCHEMA",
+    "CorruptReportError",
     "ExportFormat",
     "ReportFile",
+    "ReportQueryError",
     "ReportRows",
     "check_additive_evolution",
     "compact_partition",
@@ -42,6 +46,7 @@ __all__ = [
     "list_report_files",
     "make_error_row",
     "make_ok_row",
+    "quarantine_corrupt_reports",
     "query_reports",
     "scored_contents",
     "scored_images",

@@ -1,18 +1,26 @@
 """Query the score reports with DuckDB: filtered rows, top-N, daily summaries, already-scored images.
 
-Every read path goes through the same three steps:
+Every read path goes through the same four steps:
 
 1. **Prune**: list only the files of the requested product and date range
    (:func:`padim.reports.layout.list_report_files`); no other file is opened.
-2. **Deduplicate**: rows sharing (product, date, image_uri, model_version) are one observation;
+2. **Screen**: read each listed file's footer (:mod:`padim.reports.screening`): files whose
+   schema is not a report schema are skipped with a warning; corrupt files stop the queries
+   (:func:`query_reports`, :func:`daily_summary`, which never change the store) with a one-line
+   :class:`~padim.reports.errors.CorruptReportError`, and are quarantined by the reads a score
+   run depends on (:func:`scored_contents`, :func:`scored_images`, :func:`read_partition`), so a
+   damaged file never blocks a night.
+3. **Deduplicate**: rows sharing (product, date, image_uri, model_version) are one observation;
    keep the ``ok`` row if any, else the newest ``scored_at`` (then the greatest ``run_id``). A
    re-run night, or two concurrent runs that scored the same image, therefore show one row.
    The writer keeps keys unique within a file, so only partitions holding several files (re-runs,
    concurrent runs) pay for this step.
-3. **Filter / aggregate** on the deduplicated rows (minimum score, anomalies only, top N, summary).
+4. **Filter / aggregate** on the deduplicated rows (minimum score, anomalies only, top N, summary).
 
 Local stores are read by DuckDB directly; other filesystems (S3) through the fsspec filesystem
-registered on the connection, so credentials and endpoint come from the environment.
+registered on the connection, so credentials and endpoint come from the environment. A DuckDB
+failure is a :class:`~padim.reports.errors.ReportQueryError` with the first line of DuckDB's
+message.
 """
 
 from __future__ import annotations
@@ -20,17 +28,17 @@ from __future__ import annotations
 import numbers
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pandas as pd
 import pyarrow as pa
 
 from padim import fsio
-from padim.errors import StoreError
 from padim.reports import schema as report_schema
+from padim.reports.errors import ReportQueryError, one_line
 from padim.reports.layout import ReportFile, list_report_files, resolve_store
 from padim.reports.schema import (
     DEDUP_KEY,
@@ -41,6 +49,7 @@ from padim.reports.schema import (
     parse_report_date,
     validate_product,
 )
+from padim.reports.screening import OnCorrupt, read_screened
 
 __all__ = [
     "DEDUP_QUALIFY_SQL",
@@ -60,6 +69,7 @@ DEDUP_QUALIFY_SQL = (
     f"ORDER BY (status = '{STATUS_OK}') DESC, scored_at DESC, run_id DESC) = 1"
 )
 """The deduplication rule: per key, the ok row first, then the newest ``scored_at``, then ``run_id``."""
+T = TypeVar("T")
 _ROW_ORDER = "date, product, image_uri, model_version"
 _TOP_ORDER = "score DESC, date, product, image_uri, model_version"
 
@@ -97,6 +107,8 @@ def query_reports(
     Raises:
         ValueError: On an invalid product name, date, ``since`` after ``until``, a non-finite
             ``min_score`` or a ``top`` that is not a positive integer.
+        CorruptReportError: If a report file in scope is not readable Parquet (it is named;
+            files whose schema is not a report schema are skipped with a warning instead).
         StoreError: If the store cannot be listed or a report file cannot be read.
     """
     scope = _Scope.build(product, since, until, model_version)
@@ -112,14 +124,16 @@ def query_reports(
         post.append("score IS NOT NULL")
         order, limit = _TOP_ORDER, f" LIMIT {_positive_int(top, 'top')}"
     schema = report_schema.REPORT_SCHEMA
-    files = scope.files(store_url)
-    if not files:
-        return _to_pandas(schema.empty_table(), schema)
-    with _Reader(store_url, files) as reader:
-        kept, kept_params = reader.deduplicated_cte(scope)
-        sql = f"{kept} SELECT {', '.join(schema.names)} FROM kept{_where(post)} ORDER BY {order}{limit}"
-        table = reader.fetch(sql, kept_params + params)
-    return _to_pandas(table, schema)
+
+    def run(files: list[ReportFile]) -> pa.Table:
+        if not files:
+            return schema.empty_table()
+        with _Reader(store_url, files) as reader:
+            kept, kept_params = reader.deduplicated_cte(scope)
+            sql = f"{kept} SELECT {', '.join(schema.names)} FROM kept{_where(post)} ORDER BY {order}{limit}"
+            return reader.fetch(sql, kept_params + params)
+
+    return _to_pandas(scope.read(store_url, run, on_corrupt="raise"), schema)
 
 
 def daily_summary(
@@ -150,12 +164,20 @@ def daily_summary(
 
     Raises:
         ValueError: On an invalid product name or date range.
+        CorruptReportError: If a report file in scope is not readable Parquet (foreign files are
+            skipped with a warning).
         StoreError: If the store cannot be listed or a report file cannot be read.
     """
     scope = _Scope.build(product, since, until, model_version)
-    files = scope.files(store_url)
+    return _to_pandas(
+        scope.read(store_url, lambda files: _summarise(store_url, scope, files), on_corrupt="raise"), SUMMARY_SCHEMA
+    )
+
+
+def _summarise(store_url: str, scope: _Scope, files: list[ReportFile]) -> pa.Table:
+    """Run the daily summary query over screened files."""
     if not files:
-        return _to_pandas(SUMMARY_SCHEMA.empty_table(), SUMMARY_SCHEMA)
+        return SUMMARY_SCHEMA.empty_table()
     with _Reader(store_url, files) as reader:
         kept, kept_params = reader.deduplicated_cte(scope)
         sql = f"""{kept},
@@ -173,8 +195,7 @@ def daily_summary(
                 anomalies::DOUBLE / NULLIF(scored, 0) AS anomaly_rate,
                 q[1] AS score_p50, q[2] AS score_p90, q[3] AS score_p99, score_max
             FROM daily ORDER BY date, product"""
-        table = reader.fetch(sql, kept_params)
-    return _to_pandas(table, SUMMARY_SCHEMA)
+        return reader.fetch(sql, kept_params)
 
 
 def scored_images(
@@ -192,21 +213,24 @@ def scored_images(
         date: Only this date; None means any date.
 
     Returns:
-        The ``image_uri`` of every ``ok`` row of that product and model version.
+        The ``image_uri`` of every ``ok`` row of that product and model version. Foreign files
+        are skipped; corrupt files are quarantined (see :mod:`padim.reports.screening`).
 
     Raises:
         ValueError: On an invalid product name or date.
         StoreError: If the store cannot be listed or a report file cannot be read.
     """
     scope = _Scope.build(product, date, date, model_version)
-    files = scope.files(store_url)
-    if not files:
-        return set()
-    with _Reader(store_url, files) as reader:
-        conditions = [*scope.conditions, f"status = '{STATUS_OK}'"]
-        sql = f"SELECT DISTINCT image_uri FROM {reader.source}{_where(conditions)}"
-        table = reader.fetch(sql, scope.params)
-    return set(table.column("image_uri").to_pylist())
+
+    def run(files: list[ReportFile]) -> set[str]:
+        if not files:
+            return set()
+        with _Reader(store_url, files) as reader:
+            conditions = [*scope.conditions, f"status = '{STATUS_OK}'"]
+            sql = f"SELECT DISTINCT image_uri FROM {reader.source}{_where(conditions)}"
+            return set(reader.fetch(sql, scope.params).column("image_uri").to_pylist())
+
+    return scope.read(store_url, run, on_corrupt="quarantine")
 
 
 def scored_contents(store_url: str, product: str, model_version: str, date: date | datetime | str) -> dict[str, str]:
@@ -223,21 +247,27 @@ def scored_contents(store_url: str, product: str, model_version: str, date: date
         date: The production night.
 
     Returns:
-        ``{image_uri: image_sha256}`` of every ``ok`` row kept by deduplication.
+        ``{image_uri: image_sha256}`` of every ``ok`` row kept by deduplication. Foreign files
+        are skipped; corrupt files are quarantined, so a damaged file never blocks the night
+        (see :mod:`padim.reports.screening`).
 
     Raises:
         ValueError: On an invalid product name or date.
-        StoreError: If the store cannot be listed or a report file cannot be read.
+        StoreError: If the store cannot be listed or a report file cannot be read or
+            quarantined (storage faults are never taken for corruption).
     """
     scope = _Scope.build(product, date, date, model_version)
-    files = scope.files(store_url)
-    if not files:
-        return {}
-    with _Reader(store_url, files) as reader:
-        kept, kept_params = reader.deduplicated_cte(scope)
-        sql = f"{kept} SELECT image_uri, image_sha256 FROM kept WHERE status = '{STATUS_OK}'"
-        table = reader.fetch(sql, kept_params)
-    return dict(zip(table.column("image_uri").to_pylist(), table.column("image_sha256").to_pylist(), strict=True))
+
+    def run(files: list[ReportFile]) -> dict[str, str]:
+        if not files:
+            return {}
+        with _Reader(store_url, files) as reader:
+            kept, kept_params = reader.deduplicated_cte(scope)
+            sql = f"{kept} SELECT image_uri, image_sha256 FROM kept WHERE status = '{STATUS_OK}'"
+            table = reader.fetch(sql, kept_params)
+        return dict(zip(table.column("image_uri").to_pylist(), table.column("image_sha256").to_pylist(), strict=True))
+
+    return scope.read(store_url, run, on_corrupt="quarantine")
 
 
 def read_partition(store_url: str, product: str, day: date | str) -> tuple[pa.Table, list[str]]:
@@ -250,28 +280,33 @@ def read_partition(store_url: str, product: str, day: date | str) -> tuple[pa.Ta
 
     Returns:
         ``(table, urls)``: the deduplicated rows with the report schema, and the URLs of the
-        files they were read from.
+        files they were read from. Foreign files are left out (and so never deleted by
+        compaction); corrupt files are quarantined.
 
     Raises:
         ValueError: If the files hold columns this code does not know (written by a newer
             schema), since rewriting them would drop data.
+        StoreError: If a file cannot be read or quarantined.
     """
     scope = _Scope.build(product, day, day, None)
-    files = scope.files(store_url)
     schema = report_schema.REPORT_SCHEMA
-    if not files:
-        return schema.empty_table(), []
-    with _Reader(store_url, files) as reader:
-        unknown = sorted(set(reader.file_columns()) - set(schema.names))
-        if unknown:
-            raise ValueError(
-                f"report files of {product}/{day} hold columns {unknown} unknown to this version; "
-                "upgrade before compacting"
-            )
-        kept, kept_params = reader.deduplicated_cte(scope)
-        sql = f"{kept} SELECT {', '.join(schema.names)} FROM kept ORDER BY image_uri"
-        table = reader.fetch(sql, kept_params)
-    return table.cast(schema), [f.url for f in files]
+
+    def run(files: list[ReportFile]) -> tuple[pa.Table, list[str]]:
+        if not files:
+            return schema.empty_table(), []
+        with _Reader(store_url, files) as reader:
+            unknown = sorted(set(reader.file_columns()) - set(schema.names))
+            if unknown:
+                raise ValueError(
+                    f"report files of {product}/{day} hold columns {unknown} unknown to this version; "
+                    "upgrade before compacting"
+                )
+            kept, kept_params = reader.deduplicated_cte(scope)
+            sql = f"{kept} SELECT {', '.join(schema.names)} FROM kept ORDER BY image_uri"
+            table = reader.fetch(sql, kept_params)
+        return table.cast(schema), [f.url for f in files]
+
+    return scope.read(store_url, run, on_corrupt="quarantine")
 
 
 class _Scope:
@@ -315,6 +350,13 @@ class _Scope:
     def files(self, store_url: str) -> list[ReportFile]:
         """List the files this scope can touch (partition pruning)."""
         return list_report_files(store_url, product=self.product, since=self.since, until=self.until)
+
+    def read(self, store_url: str, run: Callable[[list[ReportFile]], T], *, on_corrupt: OnCorrupt) -> T:
+        """List, screen and query this scope's files (``run`` gets the screened list, maybe empty)."""
+        files = self.files(store_url)
+        if not files:
+            return run([])
+        return read_screened(store_url, files, run, on_corrupt=on_corrupt)
 
 
 class _Reader:
@@ -382,14 +424,16 @@ class _Reader:
         """Run a query and return its result as an Arrow table.
 
         Raises:
-            StoreError: If a report file cannot be read (corrupt, unreachable, unreadable).
+            ReportQueryError: If DuckDB fails (unreachable or damaged file, unexpected data);
+                the message keeps only the first line of DuckDB's.
         """
         try:
             return self.connection.sql(sql, params=list(params)).to_arrow_table()
         except duckdb.Error as exc:
             folders = sorted({f.url.rsplit("/", 1)[0] for f in self.files})
             where = folders[0] if len(folders) == 1 else f"{len(folders)} partitions"
-            raise StoreError(f"cannot read the report files in {where}: {exc}") from exc
+            reason = one_line(str(exc)) or type(exc).__name__
+            raise ReportQueryError(f"cannot read the report files in {where}: {reason}") from exc
 
 
 def deduplicate_table(table: pa.Table) -> pa.Table:

@@ -6,6 +6,10 @@ are hive partition keys, so they are encoded in the folder names and not stored 
 
 Schema evolution rule: columns are only ever *added*, always nullable, at the end. Files written
 with an older schema then read as null in the new columns (see :func:`check_additive_evolution`).
+Readers accept exactly those evolutions (:func:`describe_schema_mismatch`): a file may lack
+optional columns (older writer) or hold extra ones (newer writer), but every column it shares
+with :data:`REPORT_SCHEMA` must have that column's type and every :data:`REQUIRED_COLUMNS` stored
+in files must be there. Any other file is foreign and is skipped.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ __all__ = [
     "STATUS_OK",
     "SUMMARY_SCHEMA",
     "check_additive_evolution",
+    "describe_schema_mismatch",
     "duckdb_type_of",
     "file_schema",
     "parse_report_date",
@@ -259,3 +264,50 @@ def check_additive_evolution(old: pa.Schema, new: pa.Schema) -> None:
     for new_field in list(new)[len(old) :]:
         if not new_field.nullable:
             raise ValueError(f"new report column {new_field.name!r} must be nullable")
+
+
+_STRING_TYPES: frozenset[pa.DataType] = frozenset({pa.string(), pa.large_string(), pa.string_view()})
+
+
+def describe_schema_mismatch(stored: pa.Schema) -> str | None:
+    """Tell why a file's schema is not a report schema, or None when readers can use the file.
+
+    Compatible (None): any subset of the current :data:`REPORT_SCHEMA` columns that holds the
+    required columns stored in files (:data:`REQUIRED_COLUMNS` minus the partition keys), with
+    the current types, plus any extra columns (a newer writer appended them; readers ignore them
+    and compaction refuses them). Equivalent encodings are accepted: large or view strings for
+    strings, and UTC timestamps of any unit for ``scored_at``.
+
+    Args:
+        stored: The Arrow schema read from a file's footer.
+
+    Returns:
+        A short reason naming the first offending columns (``"column 'score' is string, expected
+        double"``, ``"lacks the required columns ['image_uri', 'status']"``), or None.
+    """
+    expected = REPORT_SCHEMA
+    for field in stored:
+        index = expected.get_field_index(field.name)
+        if index >= 0 and not _is_compatible_type(field.type, expected.field(index).type):
+            return f"column {field.name!r} is {field.type}, expected {expected.field(index).type}"
+    stored_names = set(stored.names)
+    missing = [name for name in REQUIRED_COLUMNS if name not in PARTITION_COLUMNS and name not in stored_names]
+    if missing:
+        return f"lacks the required columns {missing}"
+    return None
+
+
+def _is_compatible_type(actual: pa.DataType, expected: pa.DataType) -> bool:
+    """Whether a stored column type reads as the expected report type without changing its meaning."""
+    if actual == expected:
+        return True
+    if expected in _STRING_TYPES:
+        return actual in _STRING_TYPES
+    if pa.types.is_timestamp(expected) and pa.types.is_timestamp(actual):
+        return _is_utc(actual.tz) and _is_utc(expected.tz)
+    return False
+
+
+def _is_utc(tz: str | None) -> bool:
+    """Whether a timestamp time zone name means UTC."""
+    return tz is not None and tz.upper() in {"UTC", "+00:00", "ETC/UTC", "Z"}
