@@ -3,7 +3,10 @@
 User errors (a wrong path, an unknown product, an invalid option value, a corrupt model) are
 :class:`~padim.errors.PadimError`, pydantic ``ValidationError``, ``ValueError`` or ``OSError``
 (``FileNotFoundError``, ``PermissionError``...). Anything else is a bug or an infrastructure
-failure: it is reported as ``unexpected <Type>`` with a hint to rerun with ``--debug``. A failed
+failure: it is reported as ``unexpected <Type>`` with a hint to rerun with ``--debug``, except
+storage that cannot be reached (an S3 endpoint down, a connection refused or timed out), which is
+reported as ``storage unreachable: ...`` with exit status 3: nothing is wrong with the command, and
+re-running it once storage is back is safe. A failed
 Prefect flow run re-raises its task's exception in-process; Prefect's own wrappers are unwrapped so
 the original message is shown.
 """
@@ -13,10 +16,34 @@ from __future__ import annotations
 import builtins
 import re
 
-__all__ = ["EXIT_UNEXPECTED", "EXIT_USER_ERROR", "describe_error", "exit_code_for", "original_error"]
+__all__ = [
+    "EXIT_STORAGE_UNREACHABLE",
+    "EXIT_UNEXPECTED",
+    "EXIT_USER_ERROR",
+    "describe_error",
+    "exit_code_for",
+    "original_error",
+]
 
 EXIT_USER_ERROR = 1
 EXIT_UNEXPECTED = 2
+EXIT_STORAGE_UNREACHABLE = 3
+
+UNREACHABLE_ERRORS = frozenset(
+    {
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ConnectionClosedError",
+        "ClientConnectorError",
+        "ServerDisconnectedError",
+        "ServerTimeoutError",
+        "ConnectionRefusedError",
+        "ConnectionResetError",
+        "ConnectionAbortedError",
+    }
+)
+"""Names of the botocore / aiohttp / builtin errors that mean storage could not be reached."""
 
 _MAX_DEPTH = 10
 _EXCEPTION_GROUP: type | tuple[type, ...] = getattr(builtins, "BaseExceptionGroup", ())
@@ -87,6 +114,25 @@ def is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, (PadimError, ValueError, OSError, LookupError)) or _is_validation_error(exc)
 
 
+def unreachable_cause(exc: BaseException) -> BaseException | None:
+    """The error in ``exc``'s cause chain that says storage could not be reached, if any.
+
+    Args:
+        exc: Any exception.
+
+    Returns:
+        The connection error (botocore, aiohttp or builtin), or None.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__name__ in UNREACHABLE_ERRORS:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def describe_error(exc: BaseException) -> str:
     """One line describing an error, without the ``error:`` prefix.
 
@@ -97,6 +143,10 @@ def describe_error(exc: BaseException) -> str:
         The reason, on one line.
     """
     exc = original_error(exc)
+    unreachable = unreachable_cause(exc)
+    if unreachable is not None:
+        detail = _one_line(str(unreachable)) or type(unreachable).__name__
+        return f"storage unreachable: {detail} (check the endpoint and the network; re-running is safe)"
     if _is_validation_error(exc):
         return _one_line(_describe_validation(exc))
     if isinstance(exc, OSError):
@@ -110,5 +160,8 @@ def describe_error(exc: BaseException) -> str:
 
 
 def exit_code_for(exc: BaseException) -> int:
-    """Exit status for an error: 1 for user errors, 2 for unexpected ones."""
-    return EXIT_USER_ERROR if is_user_error(original_error(exc)) else EXIT_UNEXPECTED
+    """Exit status for an error: 1 for user errors, 3 for unreachable storage, 2 for anything else."""
+    exc = original_error(exc)
+    if unreachable_cause(exc) is not None:
+        return EXIT_STORAGE_UNREACHABLE
+    return EXIT_USER_ERROR if is_user_error(exc) else EXIT_UNEXPECTED

@@ -407,3 +407,23 @@ def test_train_then_score_twice_through_the_cli(cli_env: dict[str, str], tmp_pat
     again = json.loads(second.out)
     assert (again["n_scored"], again["n_skipped"]) == (0, 6)  # idempotent re-run
     assert len(report_rows(cli_env, store, "--product", "plate")) == 6
+
+
+def test_unreachable_storage_is_one_line_with_its_own_exit_code(cli_env: dict[str, str], tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **cli_env,
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "y",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    (tmp_path / "night").mkdir()
+    result = padim(env, "score", "-p", "bottle", "--images", str(tmp_path / "night"), "--store", "s3://bkt/store")
+    assert result.code == 3, result.err
+    assert_one_line_error(result, "storage unreachable", f"127.0.0.1:{port}")
+    assert "unexpected" not in result.err
