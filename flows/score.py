@@ -141,12 +141,12 @@ def score(
             logger.error("%s: %d images not scored (from %s): %s", product, len(shard), shard[0], exc)
             not_scored.append({"n_images": len(shard), "first_uri": shard[0], "reason": str(exc), "uris": shard})
     report_files = [f for r in reports for f in r.report_files]
-    if report_files:
-        try:  # the rows are already safe in the shard files; compaction only speeds up queries
-            compacted = compact_partition_task(model_store.root, product, day)
-            report_files = [compacted] if compacted else report_files
-        except Exception as exc:
-            logger.warning("%s: could not compact the report partition of %s: %s", product, day, exc)
+    try:  # the rows are already safe in the shard files; compaction only speeds up queries
+        # Every run compacts, also one that wrote nothing: a compaction that failed before is retried.
+        compacted = compact_partition_task(model_store.root, product, day)
+        report_files = [compacted] if compacted and report_files else report_files
+    except Exception as exc:
+        logger.warning("%s: could not compact the report partition of %s (the next run retries): %s", product, day, exc)
     manifest_thresholds = model_store.read_manifest(product, model.version).get("thresholds") or {}
     median = manifest_thresholds.get("normal_median")
     drift = check_drift(

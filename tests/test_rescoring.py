@@ -21,7 +21,7 @@ import padim.reports.query
 from flows.score import score
 from padim.reports import query_reports
 from tests.flow_helpers import png_bytes, texture
-from tests.reliability_support import PRODUCT, TrainedStore, local_dir, trained_store, write_images
+from tests.reliability_support import PRODUCT, TrainedStore, fast_retries, local_dir, trained_store, write_images
 
 pytest_plugins = ["tests.prefect_harness"]
 
@@ -112,3 +112,30 @@ def test_the_already_scored_lookup_reads_only_the_nights_partition(
     assert (rerun["n_scored"], rerun["n_skipped"]) == (0, 3)
     assert listed and all(str(since) == str(until) == NIGHT_1 for since, until in listed), listed
     shutil.rmtree(other)
+
+
+def test_a_failed_compaction_is_retried_by_the_next_run(
+    trained: TrainedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasks.scoring
+
+    store = trained.copy_to(tmp_path / "store")
+    night = local_dir(tmp_path / "night")
+    images = write_images(night, 4, seed=34, prefix="compact")
+    partition = Path(store) / "reports" / f"product={PRODUCT}" / f"date={NIGHT_1}"
+    real = tasks.scoring.compact_partition
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full while compacting")
+
+    monkeypatch.setattr(tasks.scoring, "compact_partition", failing)
+    fast_retries(monkeypatch, tasks.scoring.compact_partition_task)
+    first = run(store, night, NIGHT_1)  # shards of 2: two report files, compaction fails (a warning)
+    assert first["n_scored"] == len(images)
+    assert len(list(partition.glob("*.parquet"))) == 2
+
+    monkeypatch.setattr(tasks.scoring, "compact_partition", real)
+    again = run(store, night, NIGHT_1)  # nothing new to score, but the partition is compacted now
+    assert (again["n_scored"], again["n_skipped"]) == (0, len(images)) and again["report_files"] == []
+    assert len(list(partition.glob("*.parquet"))) == 1
+    assert set(rows_of(store, NIGHT_1)) == set(images)
