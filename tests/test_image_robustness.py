@@ -522,6 +522,9 @@ def test_fuzz_summary_by_reason_class(
     with capsys.disabled():
         print(f"\nfuzz: {len(fuzz_outcomes)} files; " + "; ".join(f"{k}: {v}" for k, v in classes.most_common()))
     assert "" not in classes
+    document = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text(encoding="utf-8")
+    stated = f"| image files fuzzed (seed {SEED}), one outcome each | {len(fuzz_outcomes)} |"
+    assert stated in document, f"docs/reliability.md must state {stated!r}"
 
 
 # ---- every mode converts ------------------------------------------------------------------------
