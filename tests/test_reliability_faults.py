@@ -83,6 +83,12 @@ RUNTIME_FAULTS: dict[str, str] = {
     "storage failing to deliver one training image": (
         "test_a_storage_fault_reading_a_training_image_fails_the_run_and_publishes_nothing"
     ),
+    "SIGTERM to a running padim score": (
+        "test_a_score_command_stopped_by_a_signal_ends_promptly_and_the_rerun_completes"
+    ),
+    "SIGINT to a running padim score": (
+        "test_a_score_command_stopped_by_a_signal_ends_promptly_and_the_rerun_completes"
+    ),
 }
 """Faults injected while a flow runs, and the test that injects each."""
 
@@ -465,6 +471,45 @@ def test_a_score_run_killed_mid_way_then_rerun_has_one_row_per_image(trained: Tr
     assert_one_row_per_image(store, images)
     assert len(raw_report_rows(store)) == len(images)  # no physical duplicate either
     assert (query_reports(store, product=PRODUCT)["status"] == "ok").all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_score_command_stopped_by_a_signal_ends_promptly_and_the_rerun_completes(
+    trained: TrainedStore, tmp_path: Path, stop: signal.Signals
+) -> None:
+    store = trained.copy_to(tmp_path / "store")
+    night = tmp_path / "night"
+    images = write_images(local_dir(night), 40, seed=15, prefix="signal")
+    partition = Path(store) / "reports" / f"product={PRODUCT}" / f"date={DAY}"
+    command = [sys.executable, "-m", "padim_cli.main", "score", "-p", PRODUCT, "--images", str(night)]
+    command += ["--store", store, "--date", DAY, "--shard-size", "2", "--device", "cpu"]
+    child = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=child_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
+    )
+    deadline = time.monotonic() + 300
+    while not (partition.is_dir() and any(p.suffix == ".parquet" for p in partition.iterdir())):
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+        time.sleep(0.05)
+    child.send_signal(stop)
+    sent = time.monotonic()
+    _, err = child.communicate(timeout=120)
+    waited = time.monotonic() - sent
+
+    assert child.returncode in (-stop, 128 + stop), (child.returncode, err[-2000:])
+    assert waited < 30, f"the run took {waited:.1f} s to end after {stop.name}"
+    assert "Traceback" not in err, err[-2000:]
+    scored = query_reports(store, product=PRODUCT)
+    assert scored["image_uri"].is_unique and len(scored) < len(images)  # stopped before the end
+    rerun = score(product=PRODUCT, images_url=str(night), store=store, date=DAY, device="cpu", shard_size=8)
+    assert rerun["n_skipped"] == len(scored) and rerun["n_scored"] == len(images) - len(scored)
+    assert_one_row_per_image(store, images)
 
 
 # ---- two runs at once ------------------------------------------------------------------------------------
