@@ -176,3 +176,24 @@ def test_bf16_runs_in_bf16_or_is_refused_where_the_cpu_lacks_it() -> None:
     reduced = load_backbone("resnet18", "random", runtime="openvino", precision="bf16").tap(images)
     for a, b in zip(reduced, exact, strict=True):
         assert 0 < relative(a, b) <= 0.1  # really bfloat16 (not equal), and close
+
+
+def test_converting_a_network_starts_no_process_and_sends_no_telemetry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import multiprocessing
+    import os
+
+    import openvino_telemetry
+
+    monkeypatch.setenv("PADIM_CACHE", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no consent file: OpenVINO's default is to send
+    started: list[str] = []
+    monkeypatch.setattr(multiprocessing.Process, "start", lambda self: started.append(repr(self)))
+    monkeypatch.setattr(os, "fork", lambda: started.append("fork") or 0)
+    monkeypatch.setattr(openvino_telemetry.Telemetry, "send_event", lambda *a, **k: started.append("event"))
+    target = tmp_path / "converted.xml"
+    network = load_backbone("resnet18", "random", runtime="torch").network
+    runtime_module.convert_network(network, 2, 32, target)
+    assert target.is_file() and target.with_suffix(".bin").is_file()
+    assert started == [], started

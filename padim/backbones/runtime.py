@@ -159,6 +159,22 @@ def cache_key(name: str, weights_sha256: str, batch: int, side: int) -> str:
     return f"{name}-{batch}x{side}-{hashlib.sha256(identity.encode()).hexdigest()[:20]}"
 
 
+def disable_conversion_telemetry() -> None:
+    """Replace the telemetry of OpenVINO's model converter by OpenVINO's own no-op stub.
+
+    ``openvino.convert_model`` sends usage telemetry unless the user opted out (a consent file in
+    ``~/intel``), and it sends it from a *forked* process: in a process with running threads the
+    fork can deadlock on a lock another thread held, and the orphan keeps the parent's pipes open
+    (a score run killed right after converting left one behind, holding its test for 10 minutes);
+    it also tries to reach the internet from a factory machine. The converter's modules fall back to
+    the stub when the telemetry package is missing; this makes that choice explicitly. Idempotent.
+    """
+    from openvino.tools.ovc import convert_impl, telemetry_stub, telemetry_utils, utils
+
+    for module in (convert_impl, telemetry_utils, utils):
+        module.tm = telemetry_stub  # type: ignore[attr-defined]
+
+
 def convert_network(network: nn.Module, batch: int, side: int, target: Path) -> None:
     """Convert a torch network to OpenVINO IR at ``target`` (``.xml`` + ``.bin``), atomically.
 
@@ -173,6 +189,7 @@ def convert_network(network: nn.Module, batch: int, side: int, target: Path) -> 
     """
     import openvino
 
+    disable_conversion_telemetry()
     example = torch.zeros(batch, side, side, 3)
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracing warnings about shape-dependent Python (TF "same" padding)
