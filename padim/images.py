@@ -56,6 +56,7 @@ import io
 import logging
 import os
 import stat
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -102,6 +103,14 @@ READ_ATTEMPTS = 3
 
 READ_RETRY_WAIT_S = 0.5
 """First wait before re-reading after a storage fault (doubled each time)."""
+
+READ_TIMEOUT_S = 60.0
+"""Longest wait for one read of one file before it counts as a storage fault (then retried like any
+other). Set ``PADIM_READ_TIMEOUT_S`` to change it (seconds, > 0): a hung network mount or a stalled
+endpoint then fails the work in bounded time instead of blocking the run forever."""
+
+READ_TIMEOUT_ENV_VAR = "PADIM_READ_TIMEOUT_S"
+"""Environment variable overriding :data:`READ_TIMEOUT_S`."""
 
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 """Largest accepted declared width x height (67,108,864 pixels, e.g. 8192 x 8192)."""
@@ -732,9 +741,10 @@ def _read_raw(uri: str) -> bytes:
     if _is_special_local_file(fs, path):
         raise _decode_error(uri, "not a regular file (a FIFO, socket or device)")
     wait = READ_RETRY_WAIT_S
+    timeout = read_timeout_s()
     for attempt in range(1, READ_ATTEMPTS + 1):
         try:
-            return fs.cat_file(path)
+            return _cat_within(fs, path, timeout)
         except IsADirectoryError as exc:
             raise _decode_error(uri, "is a folder, not a file") from exc
         except FileNotFoundError as exc:
@@ -749,6 +759,55 @@ def _read_raw(uri: str) -> bytes:
             time.sleep(wait)
             wait *= 2
     raise ImageReadError(uri, f"{type(fault).__name__}: {_describe(fault)}") from fault
+
+
+def read_timeout_s() -> float:
+    """The read timeout in force: ``PADIM_READ_TIMEOUT_S`` when set, else :data:`READ_TIMEOUT_S`.
+
+    Raises:
+        ConfigError: ``PADIM_READ_TIMEOUT_S`` is not a positive number of seconds.
+    """
+    raw = os.environ.get(READ_TIMEOUT_ENV_VAR, "").strip()
+    if not raw:
+        return READ_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise ConfigError(f"{READ_TIMEOUT_ENV_VAR} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _cat_within(fs: AbstractFileSystem, path: str, timeout: float) -> bytes:
+    """Read a whole file, giving up after ``timeout`` seconds.
+
+    The read runs in a daemon thread: a read blocked in the kernel (a hung network mount) or in a
+    stalled connection cannot be cancelled, but the caller stops waiting for it, so the fault is
+    retried and then reported like any other storage fault, and the process can still exit.
+
+    Raises:
+        TimeoutError: No answer within ``timeout`` seconds.
+        Exception: Whatever the read raised.
+    """
+    outcome: dict[str, object] = {}
+    done = threading.Event()
+
+    def read() -> None:
+        try:
+            outcome["data"] = fs.cat_file(path)
+        except BaseException as exc:  # handed to the waiting thread, which raises it
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=read, name="padim-read", daemon=True).start()
+    if not done.wait(timeout):
+        raise TimeoutError(f"no answer from storage within {timeout:g} s ({READ_TIMEOUT_ENV_VAR})")
+    error = outcome.get("error")
+    if isinstance(error, BaseException):
+        raise error
+    return outcome["data"]  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------

@@ -710,7 +710,9 @@ def test_reports_and_heat_maps_are_written_only_under_the_store_root(
 
 def suite_counts() -> dict[str, int]:
     """The counts ``docs/reliability.md`` states, from the suite's own catalogues of cases."""
+    from tests.test_image_robustness import CAMERA_MODES
     from tests.test_reliability_faults import RUNTIME_FAULTS
+    from tests.test_uris import ODD_NAMES
 
     training_folders = len(NO_USABLE_IMAGE) + len(TOO_FEW) + 1  # + the folder of identical copies
     return {
@@ -720,6 +722,8 @@ def suite_counts() -> dict[str, int]:
         + len(HOSTILE_PRODUCTS)
         + len(NON_FINITE_MAPS),
         "faults injected": len(UNSERVABLE) + len(MISSING_MODEL) + len(TAMPERING) + len(RUNTIME_FAULTS),
+        "odd file names scored, one row each": len(ODD_NAMES) + 1,  # + the name that is not UTF-8
+        "PIL modes converted": len(CAMERA_MODES),
     }
 
 

@@ -36,7 +36,7 @@ import tasks.training
 from flows.runners import with_task_runner
 from flows.score import score
 from flows.train import train
-from padim.errors import ImageReadError, IncompleteRunError, ModelNotFoundError, PadimError, StoreError
+from padim.errors import ConfigError, ImageReadError, IncompleteRunError, ModelNotFoundError, PadimError, StoreError
 from padim.reports import daily_summary, list_report_files, query_reports
 from padim.store import COMPLETE_MARKER, LATEST_POINTER, ModelStore
 from tasks.scoring import already_scored_task, score_shard_task
@@ -80,6 +80,7 @@ RUNTIME_FAULTS: dict[str, str] = {
         "test_a_storage_fault_reading_an_image_fails_only_its_shard_then_the_rerun_completes"
     ),
     "storage failing twice, then delivering": "test_a_transient_read_fault_is_retried_inside_the_read",
+    "storage hanging on one night image": "test_a_read_that_hangs_times_out_fails_its_shard_then_the_rerun_completes",
     "storage failing to deliver one training image": (
         "test_a_storage_fault_reading_a_training_image_fails_the_run_and_publishes_nothing"
     ),
@@ -646,6 +647,57 @@ def test_a_transient_read_fault_is_retried_inside_the_read(
     assert result["n_scored"] == 3 and result["n_errors"] == 0
     assert attempts.per_shard()[images[0]] == 1  # no task retry was needed
     assert_one_row_per_image(store, images)
+
+
+def test_a_read_that_hangs_times_out_fails_its_shard_then_the_rerun_completes(
+    trained: TrainedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that never answers (a hung mount, a stalled endpoint) is a storage fault after the timeout."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    store = trained.copy_to(tmp_path / "store")
+    night = local_dir(tmp_path / "night")
+    images = write_images(night, 4, seed=19, prefix="hang")
+    fast_retries(monkeypatch, score_shard_task)
+    released = threading.Event()  # set at the end: the hung reads then return, and their threads end
+    hung: list[str] = []
+    real = LocalFileSystem.cat_file
+
+    def hanging(self: LocalFileSystem, path: str, *args: Any, **kwargs: Any) -> bytes:
+        if str(path).endswith(Path(images[1]).name):
+            hung.append(str(path))
+            released.wait(60)
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "cat_file", hanging)
+    monkeypatch.setattr(padim.images, "READ_RETRY_WAIT_S", 0.01)
+    monkeypatch.setenv("PADIM_READ_TIMEOUT_S", "0.3")
+    started = time.monotonic()
+    try:
+        with pytest.raises(IncompleteRunError, match=r"2 of 4 images .* not scored") as raised:
+            score(product=PRODUCT, images_url=night, store=store, date=DAY, device="cpu", shard_size=2)
+        elapsed = time.monotonic() - started
+    finally:
+        released.set()
+
+    assert "no answer from storage within 0.3 s (PADIM_READ_TIMEOUT_S)" in str(raised.value)
+    assert len(hung) == 4 * padim.images.READ_ATTEMPTS  # 4 task attempts, each read 3 times, each timed out
+    assert elapsed < 60  # bounded by the timeouts, not by the hung reads
+    rows = query_reports(store, product=PRODUCT)
+    assert sorted(rows["image_uri"]) == sorted(images[2:])  # the other shard's rows stand, no error rows
+    monkeypatch.undo()
+
+    rerun = score(product=PRODUCT, images_url=night, store=store, date=DAY, device="cpu", shard_size=2)
+
+    assert (rerun["n_scored"], rerun["n_skipped"]) == (2, 2)
+    assert_one_row_per_image(store, images)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "inf"])
+def test_a_bad_read_timeout_setting_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("PADIM_READ_TIMEOUT_S", value)
+    with pytest.raises(ConfigError, match="PADIM_READ_TIMEOUT_S must be a positive number of seconds"):
+        padim.images.read_timeout_s()
 
 
 def test_a_storage_fault_reading_a_training_image_fails_the_run_and_publishes_nothing(
