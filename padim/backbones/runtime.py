@@ -18,11 +18,13 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import sys
 import threading
 import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -39,10 +41,37 @@ FORMAT_VERSION = "nhwc-1"
 """Version of the converted graph's interface (NHWC input and outputs); part of the cache key."""
 
 
+def import_openvino() -> ModuleType:
+    """Import OpenVINO with its usage telemetry off; every import of it in padim goes through here.
+
+    ``import openvino`` imports its model converter, which sends a usage event at import time (and
+    more on each conversion) unless the user opted out with a consent file in ``~/intel``. It sends
+    from a *forked* process: in a process with running threads the fork can deadlock on a lock
+    another thread held, the orphan keeps the parent's pipes open (a ``padim score`` stopped by
+    SIGTERM left one behind, holding its caller for minutes), and it tries to reach the internet
+    from a factory machine. The converter falls back to its own no-op stub when the
+    ``openvino_telemetry`` package cannot be imported; an entry of None in :data:`sys.modules` is
+    Python's documented way to make that import fail. Set before OpenVINO is first imported, it
+    covers the import-time event and every later one; if another library imported the real package
+    first, it is left alone (and :func:`disable_conversion_telemetry` still silences conversions).
+
+    Returns:
+        The ``openvino`` module.
+
+    Raises:
+        ImportError: OpenVINO is not installed.
+    """
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+    import openvino
+
+    return openvino
+
+
 def openvino_available() -> bool:
     """Whether the ``openvino`` package can be imported."""
     try:
-        import openvino  # noqa: F401
+        import_openvino()
     except ImportError:
         return False
     return True
@@ -153,7 +182,7 @@ def cache_key(name: str, weights_sha256: str, batch: int, side: int) -> str:
     Returns:
         A file-name-safe key that changes with any of them, the OpenVINO version and the graph format.
     """
-    import openvino
+    openvino = import_openvino()
 
     identity = f"{name}|{weights_sha256}|{batch}|{side}|{openvino.__version__}|{FORMAT_VERSION}"
     return f"{name}-{batch}x{side}-{hashlib.sha256(identity.encode()).hexdigest()[:20]}"
@@ -167,7 +196,8 @@ def disable_conversion_telemetry() -> None:
     fork can deadlock on a lock another thread held, and the orphan keeps the parent's pipes open
     (a score run killed right after converting left one behind, holding its test for 10 minutes);
     it also tries to reach the internet from a factory machine. The converter's modules fall back to
-    the stub when the telemetry package is missing; this makes that choice explicitly. Idempotent.
+    the stub when the telemetry package is missing; this makes that choice explicitly, also where
+    another library imported the package before :func:`import_openvino` could keep it out. Idempotent.
     """
     from openvino.tools.ovc import convert_impl, telemetry_stub, telemetry_utils, utils
 
@@ -187,7 +217,7 @@ def convert_network(network: nn.Module, batch: int, side: int, target: Path) -> 
         side: Input side.
         target: Path of the ``.xml`` file.
     """
-    import openvino
+    openvino = import_openvino()
 
     disable_conversion_telemetry()
     example = torch.zeros(batch, side, side, 3)
@@ -222,7 +252,7 @@ class OpenVinoNetwork:
     def __init__(
         self, network: nn.Module, name: str, weights_sha256: str, options: CompileOptions, micro_batch: int
     ) -> None:
-        import openvino
+        openvino = import_openvino()
 
         self.torch_network = network
         self.micro_batch = micro_batch
