@@ -85,18 +85,49 @@ def build_deployments(path: Path = PREFECT_YAML) -> list[Any]:
     deployments = []
     for entry in load_definitions(path):
         flow = load_entrypoint(entry["entrypoint"])
-        deployments.append(
-            flow.to_deployment(
-                name=entry["name"],
-                description=entry.get("description"),
-                tags=entry.get("tags"),
-                parameters=entry.get("parameters"),
-                schedules=build_schedules(entry.get("schedules")),
-                triggers=build_triggers(entry.get("triggers")),
-                concurrency_limit=entry.get("concurrency_limit"),
-            )
+        deployment = flow.to_deployment(
+            name=entry["name"],
+            description=entry.get("description"),
+            tags=entry.get("tags"),
+            parameters=entry.get("parameters"),
+            schedules=build_schedules(entry.get("schedules")),
+            triggers=build_triggers(entry.get("triggers")),
+            concurrency_limit=entry.get("concurrency_limit"),
         )
+        deployments.append(deployment)
     return deployments
+
+
+def replace_pool_deployments(deployments: list[Any]) -> list[str]:
+    """Delete the work-pool deployments that serving these would otherwise update in place.
+
+    Serving updates a deployment of the same name in place, sending only the fields it set: a
+    deployment first created by ``prefect deploy`` would keep its work pool and lose its pull steps
+    without gaining a code location, and every run would crash ("Downloading flow code from storage
+    at None"). Such a deployment is deleted first (its flow runs stay in the history), so serving
+    creates it afresh. ``prefect deploy`` after ``padim serve`` needs nothing: it sets every field.
+
+    Args:
+        deployments: The runner deployments about to be served.
+
+    Returns:
+        The full names (``flow/deployment``) of the deployments deleted.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    replaced = []
+    with get_client(sync_client=True) as client:
+        for deployment in deployments:
+            full_name = f"{deployment.flow_name}/{deployment.name}"
+            try:
+                existing = client.read_deployment_by_name(full_name)
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name or existing.pull_steps:
+                client.delete_deployment(existing.id)
+                replaced.append(full_name)
+    return replaced
 
 
 def serve_all(limit: int | None = None) -> None:
@@ -107,7 +138,10 @@ def serve_all(limit: int | None = None) -> None:
     """
     from prefect import serve
 
-    serve(*build_deployments(), limit=limit)
+    deployments = build_deployments()
+    for full_name in replace_pool_deployments(deployments):
+        print(f"{full_name}: its work-pool deployment is replaced by a served one (`prefect deploy` routes it back)")
+    serve(*deployments, limit=limit)
 
 
 if __name__ == "__main__":
