@@ -104,8 +104,9 @@ def replace_pool_deployments(deployments: list[Any]) -> list[str]:
     Serving updates a deployment of the same name in place, sending only the fields it set: a
     deployment first created by ``prefect deploy`` would keep its work pool and lose its pull steps
     without gaining a code location, and every run would crash ("Downloading flow code from storage
-    at None"). Such a deployment is deleted first (its flow runs stay in the history), so serving
-    creates it afresh. ``prefect deploy`` after ``padim serve`` needs nothing: it sets every field.
+    at None"). Such a deployment is deleted first with the automations of its triggers (its flow runs
+    stay in the history), so serving creates both afresh. ``prefect deploy`` after ``padim serve``
+    needs nothing: it sets every field.
 
     Args:
         deployments: The runner deployments about to be served.
@@ -125,6 +126,7 @@ def replace_pool_deployments(deployments: list[Any]) -> list[str]:
             except ObjectNotFound:
                 continue
             if existing.work_pool_name or existing.pull_steps:
+                client.delete_resource_owned_automations(f"prefect.deployment.{existing.id}")  # its triggers
                 client.delete_deployment(existing.id)
                 replaced.append(full_name)
     return replaced

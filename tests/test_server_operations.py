@@ -89,12 +89,18 @@ class Server:
         )
 
     def get(self, path: str) -> Any:
-        response = httpx.get(f"{self.api}{path}", timeout=30)
-        response.raise_for_status()
-        return response.json()
+        return self.request("GET", path)
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
-        response = httpx.post(f"{self.api}{path}", json=body, timeout=30)
+        return self.request("POST", path, body)
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One API call; a busy server's 503 (its SQLite database locked) is retried, as Prefect's client does."""
+        for attempt in range(6):
+            response = httpx.request(method, f"{self.api}{path}", json=body, timeout=30)
+            if response.status_code != 503:
+                break
+            time.sleep(0.5 * 2**attempt)
         response.raise_for_status()
         return response.json()
 
@@ -204,6 +210,41 @@ def worker(server: Server) -> Iterator[subprocess.Popen[bytes]]:
         stop(process)
 
 
+DEPLOYMENTS = (
+    "padim-nightly/nightly",
+    "padim-retrain/retrain",
+    "padim-watch/watch",
+    "padim-train/train",
+    "padim-score/score",
+)
+
+
+def declared(server: Server) -> dict[str, Any]:
+    """What a deployment route declares on the server: schedules, parameters, limits and triggers."""
+    shape = {}
+    for full_name in DEPLOYMENTS:
+        deployment = server.deployment(full_name)
+        schedules = [
+            {k: v for k, v in entry["schedule"].items() if k != "anchor_date"} | {"active": entry["active"]}
+            for entry in deployment["schedules"]
+        ]
+        shape[full_name] = {
+            "schedules": schedules,
+            "parameters": deployment["parameters"],
+            "concurrency_limit": deployment.get("global_concurrency_limit", {}).get("limit")
+            if deployment.get("global_concurrency_limit")
+            else deployment.get("concurrency_limit"),
+            "tags": sorted(deployment["tags"]),
+            "description": deployment["description"],
+        }
+    automations = server.post("/automations/filter", {})
+    shape["triggers"] = sorted(
+        (a["name"], a["enabled"], repr(sorted(a["trigger"].get("expect", []))), repr(a["trigger"].get("for_each")))
+        for a in automations
+    )
+    return shape
+
+
 def is_served(server: Server, full_name: str) -> bool:
     """Whether a deployment exists and is routed to no work pool."""
     try:
@@ -265,6 +306,8 @@ def test_serve_after_deploy_runs_the_deployments_then_deploy_routes_them_back(se
     normal = server.root / "served-normal"
     write_images(str(normal), 16, seed=4, prefix="fit")
 
+    from_pool = declared(server)
+    assert len(from_pool["triggers"]) == 2, from_pool["triggers"]  # retrain: new normal images, drift
     serving = server.start("padim", "serve", name="serve")
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -275,6 +318,8 @@ def test_serve_after_deploy_runs_the_deployments_then_deploy_routes_them_back(se
             server, server.run("padim-train/train", {"product": product, "normal_url": str(normal), **TRAIN_PARAMETERS})
         )
         assert trained["work_pool_name"] is None  # run by the serving process, not a worker
+        assert all(is_served(server, name) for name in DEPLOYMENTS)
+        assert declared(server) == from_pool  # the same deployments, declared once in prefect.yaml
         assert ModelStore(server.store).latest(product)
         assert "work-pool deployment is replaced by a served one" in (server.root / "serve.log").read_text()
     finally:
