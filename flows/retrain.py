@@ -1,4 +1,9 @@
-"""The retrain flow: add newly arrived normal images to a product's model, or refit it from scratch."""
+"""The retrain flow: add newly arrived normal images to a product's model, or refit it from scratch.
+
+The new version is published as a candidate and becomes the one in use only when it passes the
+promotion gate (:mod:`padim.promotion`); otherwise it stays a candidate, the run logs why and
+emits ``padim.model.rejected``, and ``padim models promote`` lets a person decide.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,20 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.naming import retrain_run_name
 from flows.params import check_folder, check_outside_store, check_product, open_store
 from flows.runners import task_runner_from_env
 from flows.train import artifact_key, failure_summary, fit_and_publish, summarise_version
 from padim.artifact import check_servable, read_training_images
 from padim.errors import ConfigError
-from padim.products import read_product_settings
+from padim.products import ProductSettings, read_product_settings
+from padim.promotion import GateDecision, describe
 from padim.settings import Precision, Runtime, TrainSettings, default_of
-from padim.training import MIN_FIT_IMAGES, TrainingPlan, plan_training
-from tasks.events import MODEL_PUBLISHED, emit_event_task, publish_artifacts_task
+from padim.store import ModelStore
+from padim.training import MIN_FIT_IMAGES, PublishedModel, TrainingPlan, plan_training
+from tasks.events import MODEL_PUBLISHED, MODEL_REJECTED, emit_event_task, publish_artifacts_task
+from tasks.policy import RESULT_OPTIONS
+from tasks.promotion import gate_task, grow_pool_task, prune_task
 from tasks.storage import list_images_task
 
 
@@ -34,7 +44,88 @@ def plan_refit(new: list[str], settings: TrainSettings) -> TrainingPlan:
     return TrainingPlan(fit_shards=shards, holdout=[])
 
 
-@flow(name="padim-retrain", task_runner=task_runner_from_env(), validate_parameters=True)
+def reference_defects(product_settings: ProductSettings, store: ModelStore) -> list[str]:
+    """The product's reference defect images (``[]`` when none are configured).
+
+    Raises:
+        ConfigError: ``reference_defects_url`` is set but the folder is missing.
+    """
+    url = product_settings.reference_defects_url
+    if not url:
+        return []
+    what = f"reference defects of {product_settings.product!r} (reference_defects_url, `padim configure`)"
+    return list_images_task(check_outside_store(check_folder(url, what), store, what))
+
+
+def run_gate(
+    store: ModelStore,
+    product_settings: ProductSettings,
+    published: PublishedModel,
+    in_use: str,
+    settings: TrainSettings,
+    overrides: dict[str, float | None],
+) -> GateDecision:
+    """Check a candidate and promote it when it passes; otherwise record why it stays a candidate.
+
+    Args:
+        store: Model store.
+        product_settings: The product's settings (gate bounds, reference defects).
+        published: The candidate.
+        in_use: The version in use.
+        settings: Device and runtime to score with.
+        overrides: Gate bounds given to the run (``None``: the product's or the default).
+
+    Returns:
+        The decision.
+    """
+    logger = get_run_logger()
+    product = published.product
+    gate = product_settings.gate(**overrides)
+    decision = gate_task(
+        store.root, product, published.version, in_use, reference_defects(product_settings, store), gate, settings
+    )
+    for note in decision.notes:
+        logger.warning("promotion gate of %s %s: %s", product, published.version, note)
+    if decision.passed:
+        store.promote(product, published.version)
+        logger.info("%s %s is now in use: promotion gate %s", product, published.version, describe(decision))
+        return decision
+    store.mark_candidate(product, published.version, describe(decision))
+    logger.warning(
+        "%s %s stays a candidate, %s remains in use: promotion gate %s (decide with `padim models promote %s %s`)",
+        product,
+        published.version,
+        in_use,
+        describe(decision),
+        product,
+        published.version,
+    )
+    emit_event_task(
+        MODEL_REJECTED,
+        product,
+        {"version": published.version, "in_use": in_use, "reasons": decision.reasons, **decision.as_dict()},
+    )
+    return decision
+
+
+def gate_markdown(decision: GateDecision | None, in_use: str) -> str:
+    """Markdown lines about the gate's decision, for the model card artifact."""
+    if decision is None:
+        return "\n\n**Promotion gate off**: the version was put in use directly."
+    verdict = "passed: the version is in use" if decision.passed else f"rejected: {in_use} stays in use"
+    lines = ["", "", f"## Promotion gate {verdict}", ""]
+    lines += [f"* {reason}" for reason in decision.reasons + decision.notes]
+    lines.append(f"* {describe(decision)}")
+    return "\n".join(lines)
+
+
+@flow(
+    name="padim-retrain",
+    flow_run_name=retrain_run_name,
+    **RESULT_OPTIONS,
+    task_runner=task_runner_from_env(),
+    validate_parameters=True,
+)
 def retrain(
     product: str,
     reason: str = "manual",
@@ -46,6 +137,9 @@ def retrain(
     shard_size: int = default_of(TrainSettings, "shard_size"),
     runtime: Runtime = default_of(TrainSettings, "runtime"),
     precision: Precision = default_of(TrainSettings, "precision"),
+    gate: bool = True,
+    max_threshold_change: float | None = None,
+    fpr_tolerance: float | None = None,
 ) -> dict[str, Any]:
     """Update a product's model with new normal images and publish a new version.
 
@@ -68,9 +162,16 @@ def retrain(
         shard_size: Images per fit task.
         runtime: Where the backbone runs (``auto``, ``torch``, ``openvino``).
         precision: Arithmetic of the OpenVINO backbone (``f32``, ``bf16``).
+        gate: Publish a candidate and promote it only through the promotion gate; ``False``
+            puts the new version in use directly.
+        max_threshold_change: Gate bound; ``None``: the product's setting, else
+            :attr:`padim.settings.GateSettings.max_threshold_change`.
+        fpr_tolerance: Gate bound; ``None``: the product's setting, else
+            :attr:`padim.settings.GateSettings.fpr_tolerance`.
 
     Returns:
-        ``status`` (``published`` or ``unchanged``), the version and counts.
+        ``status`` (``published``: in use; ``candidate``: rejected by the gate; ``unchanged``),
+        the version, counts and the gate's decision.
     """
     logger = get_run_logger()
     check_product(product)
@@ -100,7 +201,7 @@ def retrain(
     if full:
         everything = sorted({u for u, _ in known["fit"]} | {u for u, _ in known["calibration"]} | set(uris))
         plan = plan_training(everything, settings)
-        published, outcomes = fit_and_publish(model_store, product, config, plan, settings)
+        published, outcomes = fit_and_publish(model_store, product, config, plan, settings, promote=not gate)
     else:
         new = [u for u in uris if u not in known_uris]
         logger.info("%s: %d images under %s, %d new", product, len(uris), source, len(new))
@@ -109,19 +210,38 @@ def retrain(
         plan = plan_refit(new, settings)
         exclude = frozenset(h for _, h in known["fit"]) | frozenset(h for _, h in known["calibration"])
         published, outcomes = fit_and_publish(
-            model_store, product, config, plan, settings, incremental=True, exclude_sha256=exclude
+            model_store,
+            product,
+            config,
+            plan,
+            settings,
+            incremental=True,
+            exclude_sha256=exclude,
+            promote=not gate,
         )
         if published is None:
             return {"product": product, "status": "unchanged", "version": base_version, "n_new": 0, "reason": reason}
-    emit_event_task(
-        MODEL_PUBLISHED,
-        product,
-        {"version": published.version, "url": published.url, "n_train": published.n_train, "reason": reason},
+    grow_pool_task(model_store.root, product, [base_version, published.version])
+    decision = None
+    if gate:
+        overrides = {"max_threshold_change": max_threshold_change, "fpr_tolerance": fpr_tolerance}
+        decision = run_gate(model_store, product_settings, published, base_version, settings, overrides)
+    promoted = decision is None or decision.passed
+    if promoted:
+        emit_event_task(
+            MODEL_PUBLISHED,
+            product,
+            {"version": published.version, "url": published.url, "n_train": published.n_train, "reason": reason},
+        )
+    publish_artifacts_task(
+        artifact_key("model", product), summarise_version(published) + gate_markdown(decision, base_version)
     )
-    publish_artifacts_task(artifact_key("model", product), summarise_version(published))
+    prune_task(model_store.root, product, product_settings.keep())
     return {
         "product": product,
-        "status": "published",
+        "status": "published" if promoted else "candidate",
+        "in_use": published.version if promoted else base_version,
+        "gate": decision.as_dict() if decision is not None else None,
         "version": published.version,
         "previous_version": base_version,
         "n_train": published.n_train,

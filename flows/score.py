@@ -6,15 +6,54 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.naming import score_run_name
 from flows.params import check_folder, check_outside_store, check_product, open_store, parse_day
 from flows.runners import task_runner_from_env
 from flows.train import artifact_key, run_id
 from padim.errors import IncompleteRunError
+from padim.fsio import browser_url
 from padim.inspection import ShardReport, check_drift, merge_top, plan_scoring, resolve_model
-from padim.settings import Precision, Runtime, ScoreSettings, TrainSettings, default_of
+from padim.settings import (
+    HEATMAP_ARTIFACTS,
+    HEATMAP_LINK_EXPIRY_S,
+    Precision,
+    Runtime,
+    ScoreSettings,
+    TrainSettings,
+    default_of,
+)
 from tasks.events import DRIFT_DETECTED, INSPECTION_COMPLETED, emit_event_task, publish_artifacts_task
+from tasks.policy import RESULT_OPTIONS
 from tasks.scoring import already_scored_task, compact_partition_task, score_shard_task
 from tasks.storage import list_images_task
+
+
+def heatmap_cell(row: dict[str, Any]) -> str:
+    """A top anomaly's heat-map cell: a link a browser opens, else the stored file's name."""
+    if row.get("heatmap_link"):
+        return f"[heat map]({row['heatmap_link']})"
+    if row.get("heatmap_uri"):
+        return f"`{row['heatmap_uri']}`"
+    return "-"
+
+
+def link_heatmaps(top: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Give the top anomalies browser links to their heat maps where the store can make them.
+
+    Args:
+        top: The run's highest-scoring rows (changed in place: ``heatmap_link`` added).
+
+    Returns:
+        ``(description, URL)`` of the first :data:`HEATMAP_ARTIFACTS` anomalies with a link, for
+        image artifacts; empty for a local store (a browser cannot open its files).
+    """
+    images = []
+    for row in top:
+        link = browser_url(row["heatmap_uri"], HEATMAP_LINK_EXPIRY_S) if row.get("heatmap_uri") else None
+        row["heatmap_link"] = link
+        if link and row.get("is_anomaly") and len(images) < HEATMAP_ARTIFACTS:
+            images.append((f"heat map of {row['image_uri']} (score {row['score']:.3f})", link))
+    return images
 
 
 def summarise_run(
@@ -47,7 +86,7 @@ def summarise_run(
             "|---|---|---|---|---|",
         ]
         for row in top:
-            link = f"[heat map]({row['heatmap_uri']})" if row.get("heatmap_uri") else "-"
+            link = heatmap_cell(row)
             lines.append(
                 f"| {row['image_uri']} | {row['score']:.3f} | {row['normalized_score']:.2f} | "
                 f"{'yes' if row['is_anomaly'] else 'no'} | {link} |"
@@ -55,7 +94,13 @@ def summarise_run(
     return "\n".join(lines)
 
 
-@flow(name="padim-score", task_runner=task_runner_from_env(), validate_parameters=True)
+@flow(
+    name="padim-score",
+    flow_run_name=score_run_name,
+    **RESULT_OPTIONS,
+    task_runner=task_runner_from_env(),
+    validate_parameters=True,
+)
 def score(
     product: str,
     images_url: str,
@@ -175,7 +220,9 @@ def score(
         },
     }
     top = merge_top(reports)
-    publish_artifacts_task(artifact_key("inspection", product), summarise_run(summary, top, not_scored), top)
+    images = link_heatmaps(top)
+    key = artifact_key("inspection", product)
+    publish_artifacts_task(key, summarise_run(summary, top, not_scored), top, images)
     if not_scored:
         first = not_scored[0]
         raise IncompleteRunError(

@@ -8,14 +8,18 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from flows.naming import train_run_name
 from flows.params import build_config, check_folder, check_outside_store, check_product, open_store
 from flows.runners import task_runner_from_env
-from padim.config import PadimConfig
-from padim.products import update_product_settings
+from padim.alignment import with_reference
+from padim.config import PadimConfig, Registration, StatisticsMode
+from padim.products import read_product_settings, update_product_settings
 from padim.settings import Precision, Runtime, TrainSettings, default_of
 from padim.store import ModelStore
 from padim.training import PublishedModel, ShardOutcome, TrainingPlan, plan_training
 from tasks.events import MODEL_PUBLISHED, emit_event_task, publish_artifacts_task
+from tasks.policy import RESULT_OPTIONS
+from tasks.promotion import grow_pool_task, prune_task
 from tasks.storage import list_images_task, remove_work_area_task
 from tasks.training import finalize_and_publish_task, fit_shard_task
 
@@ -33,6 +37,7 @@ def fit_and_publish(
     settings: TrainSettings,
     incremental: bool = False,
     exclude_sha256: frozenset[str] = frozenset(),
+    promote: bool = True,
 ) -> tuple[PublishedModel | None, list[ShardOutcome]]:
     """Fan the fit shards out to tasks, then merge, calibrate and publish (shared by train and retrain).
 
@@ -48,6 +53,7 @@ def fit_and_publish(
         settings: Batch size, device, calibration.
         incremental: Add to the latest version's statistics.
         exclude_sha256: Images already in the model.
+        promote: Make the new version the one in use (``False``: a candidate for the promotion gate).
 
     Returns:
         The published version (``None`` for an incremental refit that found no new usable image)
@@ -63,7 +69,7 @@ def fit_and_publish(
         if incremental and not any(o.partial_url for o in outcomes):
             return None, outcomes
         published = finalize_and_publish_task(
-            store.root, product, config, outcomes, plan.holdout, settings, incremental=incremental
+            store.root, product, config, outcomes, plan.holdout, settings, incremental=incremental, promote=promote
         )
         return published, outcomes
     finally:
@@ -113,7 +119,13 @@ def artifact_key(prefix: str, product: str) -> str:
     return f"{prefix}-" + "".join(c if c.isalnum() else "-" for c in product.lower())
 
 
-@flow(name="padim-train", task_runner=task_runner_from_env(), validate_parameters=True)
+@flow(
+    name="padim-train",
+    flow_run_name=train_run_name,
+    **RESULT_OPTIONS,
+    task_runner=task_runner_from_env(),
+    validate_parameters=True,
+)
 def train(
     product: str,
     normal_url: str,
@@ -133,6 +145,16 @@ def train(
     max_skipped_fraction: float = default_of(TrainSettings, "max_skipped_fraction"),
     runtime: Runtime = default_of(TrainSettings, "runtime"),
     precision: Precision = default_of(TrainSettings, "precision"),
+    statistics: StatisticsMode = default_of(PadimConfig, "statistics"),
+    augment_copies: int = default_of(PadimConfig, "augment_copies"),
+    augment_seed: int = default_of(PadimConfig, "augment_seed"),
+    augment_shift: float = default_of(PadimConfig, "augment_shift"),
+    augment_rotation: float = default_of(PadimConfig, "augment_rotation"),
+    augment_flip: bool = default_of(PadimConfig, "augment_flip"),
+    neighbourhood: int = default_of(PadimConfig, "neighbourhood"),
+    tolerance: int = default_of(PadimConfig, "tolerance"),
+    registration: Registration = default_of(PadimConfig, "registration"),
+    reference: str | None = default_of(PadimConfig, "reference"),
 ) -> dict[str, Any]:
     """Fit a product's model on normal images and publish it as a new version.
 
@@ -159,6 +181,17 @@ def train(
         runtime: Where the backbone runs: ``auto`` (OpenVINO on a CPU when installed), ``torch``
             or ``openvino``.
         precision: Arithmetic of the OpenVINO backbone: ``f32`` or ``bf16``.
+        statistics: ``position``, ``shared`` or ``both`` Gaussians (parts that are not aligned;
+            this and the options below are documented in :class:`padim.config.PadimConfig`).
+        augment_copies: Randomly shifted/rotated copies fitted per normal image (0 = off).
+        augment_seed: Seed of the copies' transforms.
+        augment_shift: Largest shift of a copy (share of the side).
+        augment_rotation: Largest rotation of a copy (degrees).
+        augment_flip: Also flip the copies at random.
+        neighbourhood: Odd side of the neighbourhood each patch's features are averaged over.
+        tolerance: Chebyshev radius (patches) of tolerant scoring.
+        registration: ``none`` or ``phase`` (translate each image onto the reference).
+        reference: Reference image of the registration; default the first training image.
 
     Returns:
         ``version``, ``n_train``, ``n_calibration``, ``n_failed`` (with the first reasons in
@@ -166,7 +199,23 @@ def train(
     """
     logger = get_run_logger()
     check_product(product)
-    config = build_config(backbone, weights, channels, image_size, crop_size)
+    config = build_config(
+        backbone,
+        weights,
+        channels,
+        image_size,
+        crop_size,
+        statistics=statistics,
+        augment_copies=augment_copies,
+        augment_seed=augment_seed,
+        augment_shift=augment_shift,
+        augment_rotation=augment_rotation,
+        augment_flip=augment_flip,
+        neighbourhood=neighbourhood,
+        tolerance=tolerance,
+        registration=registration,
+        reference=reference,
+    )
     settings = TrainSettings(
         batch_size=batch_size,
         device=device,
@@ -186,6 +235,7 @@ def train(
     uris = list_images_task(normal_url)
     calibration = list_images_task(calibration_url) if calibration_url else None
     plan = plan_training(uris, settings, calibration)
+    config = with_reference(config, plan.fit_shards[0][0] if plan.fit_shards else None)  # one for every shard
     logger.info(
         "training %s on %d images in %d shard(s), %d held out",
         product,
@@ -205,6 +255,8 @@ def train(
         {"version": published.version, "url": published.url, "n_train": published.n_train, "reason": "train"},
     )
     publish_artifacts_task(artifact_key("model", product), summarise_version(published))
+    grow_pool_task(model_store.root, product, [published.version])
+    prune_task(model_store.root, product, read_product_settings(model_store, product).keep())
     return {
         "product": product,
         "version": published.version,

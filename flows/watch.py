@@ -6,14 +6,16 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.naming import watch_run_name
 from flows.params import check_product, open_store
 from padim.landing import mark_announced, new_batches
 from padim.products import read_product_settings
 from padim.settings import WatchSettings, default_of
 from tasks.events import NORMAL_IMAGES_ADDED, emit_event_task
+from tasks.policy import RESULT_OPTIONS
 
 
-@flow(name="padim-watch", validate_parameters=True)
+@flow(name="padim-watch", flow_run_name=watch_run_name, validate_parameters=True, **RESULT_OPTIONS)
 def watch(
     store: str | None = None,
     product: str | None = None,

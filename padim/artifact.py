@@ -2,9 +2,11 @@
 
 A model version is one directory (any fsspec URL) holding:
 
-* ``model.safetensors`` - ``mean (P, d)``, the lower-triangular whitening factor packed row by
-  row as ``factor_packed (P, d (d + 1) / 2)``, and the channel reduction
-  (``channel_indices (d,)`` or ``projection (D, d)``);
+* ``model.safetensors`` - ``mean (G, d)``, the lower-triangular whitening factor packed row by
+  row as ``factor_packed (G, d (d + 1) / 2)`` (``G = P`` Gaussians, one per position; 1 or
+  ``P + 1`` with shared statistics, see :func:`padim.model.num_gaussians`), the channel reduction
+  (``channel_indices (d,)`` or ``projection (D, d)``) and, for registration, the gray
+  ``reference (S, S)``;
 * ``statistics.safetensors`` - the raw accumulator (``n``, ``mean``, and the lower triangle of the
   symmetric ``m2`` as ``m2_packed``, all float64), so that
   new normal images can be added later without re-extracting the old ones (optional);
@@ -39,7 +41,7 @@ from padim.backbones import get_spec
 from padim.config import PadimConfig
 from padim.embedding import EmbeddingProjector
 from padim.errors import IncompatibleModelError, ModelIntegrityError, ModelNotFoundError, PadimError
-from padim.model import PadimModel, Thresholds, TrainingInfo, grid_size, resolve_channels
+from padim.model import PadimModel, Thresholds, TrainingInfo, grid_size, num_gaussians, resolve_channels
 from padim.statistics import GaussianAccumulator, pack_lower, unpack_lower
 from padim.store import check_manifest_weights
 
@@ -86,6 +88,8 @@ def _model_tensors(model: PadimModel) -> dict[str, torch.Tensor]:
         tensors["channel_indices"] = model.projector.indices.cpu().contiguous()
     if model.projector.projection is not None:
         tensors["projection"] = model.projector.projection.cpu().contiguous()
+    if model.reference is not None:
+        tensors["reference"] = model.reference.detach().float().cpu().contiguous()
     return tensors
 
 
@@ -300,8 +304,13 @@ def load_model(url: str, device: str | torch.device = "cpu", with_statistics: bo
             factor = unpack_lower(tensors["factor_packed"], d)
         except PadimError as exc:
             raise IncompatibleModelError(f"model tensors do not match its configuration: {exc}") from exc
-    if mean is None or factor is None or mean.shape != (h * w, d) or factor.shape != (h * w, d, d):
-        raise IncompatibleModelError(f"model tensors do not match its configuration (expected mean ({h * w}, {d}))")
+    g = num_gaussians(config, (h, w))
+    if mean is None or factor is None or mean.shape != (g, d) or factor.shape != (g, d, d):
+        raise IncompatibleModelError(f"model tensors do not match its configuration (expected mean ({g}, {d}))")
+    reference = tensors.get("reference")
+    side = config.input_size
+    if config.registration != "none" and (reference is None or tuple(reference.shape) != (side, side)):
+        raise IncompatibleModelError(f"model with registration lacks its ({side}, {side}) reference image")
     if accumulator is not None and (accumulator.num_positions, accumulator.dim) != (h * w, d):
         raise IncompatibleModelError(
             f"model statistics have P={accumulator.num_positions}, d={accumulator.dim}; "
@@ -334,6 +343,7 @@ def load_model(url: str, device: str | torch.device = "cpu", with_statistics: bo
         training=training,
         thresholds=thresholds,
         accumulator=accumulator,
+        reference=reference if config.registration != "none" else None,
     )
     return model.to(device)
 

@@ -311,3 +311,30 @@ def build_projector(stage_channels: tuple[int, ...], d: int, method: str, seed: 
     if method == "all":
         return EmbeddingProjector(stage_channels)
     raise ConfigError(f"unknown channel selection '{method}'")
+
+
+def aggregate_neighbourhood(embeddings: torch.Tensor, size: int) -> torch.Tensor:
+    """Locally aware patch features: each embedding averaged over its ``size x size`` neighbourhood.
+
+    As PatchCore does (Roth et al. 2022): ``avg_pool2d`` with stride 1 and padding ``size // 2``,
+    the border positions averaging only the neighbours inside the grid (``count_include_pad``
+    off), so the grid keeps its size.
+
+    Args:
+        embeddings: Shape ``(B, d, H, W)``.
+        size: Odd neighbourhood side (1 returns the embeddings unchanged).
+
+    Returns:
+        Shape ``(B, d, H, W)``, float32, channels-last.
+
+    Raises:
+        ValueError: If ``size`` is not a positive odd number.
+    """
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"neighbourhood size must be a positive odd number, got {size}")
+    if size == 1:
+        return embeddings
+    pooled = torch.nn.functional.avg_pool2d(
+        embeddings.float(), size, stride=1, padding=size // 2, count_include_pad=False
+    )
+    return pooled.contiguous(memory_format=torch.channels_last)

@@ -53,6 +53,8 @@ class FitResult:
         failed: Records of the images that could not be used, with reasons.
         skipped: Records of the images the ``skip`` rule left out (e.g. already in the model).
         seconds: Wall time of the pass.
+        reference: The registration reference ``(S, S)`` the images were registered onto
+            (``registration="phase"``), for :func:`padim.model.build_model`.
     """
 
     accumulator: GaussianAccumulator
@@ -61,6 +63,7 @@ class FitResult:
     failed: list[ImageRecord] = field(default_factory=list)
     skipped: list[ImageRecord] = field(default_factory=list)
     seconds: float = 0.0
+    reference: torch.Tensor | None = None
 
 
 @dataclass
@@ -181,6 +184,7 @@ def fit_images(
                 result.fitted.extend(batch.records)
             bar.advance(len(batch.records) + len(batch.failed) + len(batch.skipped))
     fitter.flush()
+    result.reference = fitter.reference
     result.seconds = time.perf_counter() - start
     return result
 
@@ -230,8 +234,8 @@ def score_images(
             results = {r.uri: ScoredImage(record=r) for r in (*batch.failed, *batch.skipped)}
             if batch.images is not None:
                 features = model.extract(batch.images)
-                if fold_into is not None:
-                    fold_into.update(features)
+                if fold_into is not None:  # an augmenting fitter transforms the images themselves
+                    fold_into.update(batch.images if fold_into.needs_images else features)
                 maps = model.anomaly_maps(features)
                 for scored in summarise_batch(model, batch.records, maps, keep_maps):
                     results[scored.record.uri] = scored

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from padim.alignment import with_reference
 from padim.config import PadimConfig
 from padim.engine import fit_images, score_images
 from padim.errors import PadimError
@@ -307,6 +308,7 @@ def _fit_and_calibrate(
         fit_uris, holdout = [uri for shard in plan.fit_shards for uri in shard], plan.holdout
     else:  # the paper protocol: every image fitted, nothing calibrated
         fit_uris, holdout = list(train), []
+    config = with_reference(config, fit_uris[0] if fit_uris else None)
     fitted = fit_images(
         fit_uris,
         config,
@@ -328,6 +330,7 @@ def _fit_and_calibrate(
             path=settings.path,
             runtime=settings.runtime,
             precision=settings.precision,
+            reference=fitted.reference,
         )
         return model, None, None, n_fit, n_skipped
     images = [(r.uri, r.sha256 or "") for r in fitted.fitted]

@@ -184,6 +184,30 @@ def read_bytes(url: str) -> bytes:
     return fs.cat_file(path)
 
 
+def browser_url(url: str, expires_s: int) -> str | None:
+    """A URL a web browser (e.g. the Prefect UI) can open for a stored file, if there is one.
+
+    Args:
+        url: A stored file: ``s3://...``, ``http(s)://...`` or a local path.
+        expires_s: Lifetime of a signed URL, in seconds.
+
+    Returns:
+        An S3 object's presigned ``https`` URL (credentials are not embedded: anyone with the link
+        can read that one object until it expires), an ``http(s)`` URL as is, or ``None`` for a
+        local file or any store that cannot sign URLs.
+    """
+    scheme = protocol_of(url)
+    if scheme in {"http", "https"}:
+        return url
+    if is_local(url):
+        return None
+    fs, path = url_to_fs(url)
+    try:
+        return str(fs.sign(path, expiration=expires_s))
+    except NotImplementedError:
+        return None
+
+
 def exists(url: str) -> bool:
     """Tell whether a file or folder (S3: object or prefix) exists.
 

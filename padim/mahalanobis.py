@@ -11,6 +11,7 @@ squared distances through rounding). Whitening and the explicit inverse cost the
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -250,3 +251,92 @@ def mahalanobis_distances(
         part = factor.positions(start, stop) if isinstance(factor, TriangleBlocks) else factor[start:stop]
         whitened_norms(centred, part, out=out[start:stop])
     return out.transpose(0, 1).reshape(b, *spatial)
+
+
+def shared_distances(embeddings: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis distance of every patch to one Gaussian shared by all positions.
+
+    Args:
+        embeddings: Shape ``(B, d, H, W)`` or ``(B, d, P)``.
+        mean: The shared mean, shape ``(1, d)`` or ``(d,)``.
+        factor: The shared whitening matrix, shape ``(1, d, d)`` or ``(d, d)``.
+
+    Returns:
+        Distances, shape ``(B, H, W)`` or ``(B, P)``, float32 (float64 for a float64 factor).
+
+    Raises:
+        ValueError: If the shapes are inconsistent.
+    """
+    spatial = embeddings.shape[2:]
+    rows = patch_rows(embeddings)  # (B, P, d)
+    b, p, d = rows.shape
+    mean, factor = mean.reshape(-1), factor.reshape(factor.shape[-2], factor.shape[-1])
+    if mean.shape != (d,) or factor.shape != (d, d):
+        raise ValueError(f"embeddings (B, {d}, {p}) do not match the shared mean {tuple(mean.shape)}")
+    accumulate = torch.promote_types(factor.dtype, torch.float32)
+    flat = rows.reshape(b * p, d)
+    out = torch.empty(b * p, dtype=accumulate, device=rows.device)
+    step = max(1, (4 << 20) // (4 * d))
+    for start in range(0, b * p, step):
+        centred = flat[start : start + step].to(accumulate) - mean.to(accumulate)
+        whitened = (centred.to(factor.dtype) @ factor.T).to(accumulate)
+        torch.linalg.vector_norm(whitened, dim=1, out=out[start : start + step])
+    return out.reshape(b, *spatial)
+
+
+TOLERANCE_BYTES = 256 << 20
+"""Bytes of shifted float32 embeddings :func:`tolerant_distances` scores in one call."""
+
+
+def tolerant_distances(
+    embeddings: torch.Tensor,
+    mean: torch.Tensor,
+    factor: torch.Tensor | TriangleBlocks,
+    radius: int,
+    budget_bytes: int = TOLERANCE_BYTES,
+) -> torch.Tensor:
+    """Tolerant Mahalanobis distances: each patch against the Gaussians of its neighbourhood.
+
+    ``D[b, i, j] = min over |di|, |dj| <= radius of ||W_q (x[b, i, j] - mu_q)||`` with
+    ``q = (i + di, j + dj)`` inside the grid (``radius = 0`` is PaDiM). The embedding is shifted
+    by every offset at once (the offsets are stacked on the batch axis, in groups of at most
+    ``budget_bytes``) and scored by :func:`mahalanobis_distances`; nothing loops over patches.
+
+    Args:
+        embeddings: Shape ``(B, d, H, W)``.
+        mean: Per-position means, shape ``(H W, d)``.
+        factor: Whitening matrices ``(H W, d, d)`` or their :class:`TriangleBlocks`.
+        radius: Chebyshev radius in patches.
+        budget_bytes: Largest shifted embedding scored in one call.
+
+    Returns:
+        Distances, shape ``(B, H, W)``.
+
+    Raises:
+        ValueError: If ``radius`` is negative or the embedding is not ``(B, d, H, W)``.
+    """
+    if radius < 0:
+        raise ValueError(f"tolerance radius must be >= 0, got {radius}")
+    if embeddings.ndim != 4:
+        raise ValueError(f"tolerant scoring needs embeddings of shape (B, d, H, W), got {tuple(embeddings.shape)}")
+    if radius == 0:
+        return mahalanobis_distances(embeddings, mean, factor)
+    b, d, h, w = embeddings.shape
+    r = radius
+    offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+    padded = torch.nn.functional.pad(embeddings, (r, r, r, r))  # (B, d, H + 2r, W + 2r)
+    group = max(1, budget_bytes // max(4 * b * d * h * w, 1))
+    best = None
+    for first in range(0, len(offsets), group):
+        chosen = offsets[first : first + group]
+        # shifted[o][q] = x[q - o]: the patch scored against the Gaussian at q.
+        shifted = torch.cat([padded[:, :, r - dy : r - dy + h, r - dx : r - dx + w] for dy, dx in chosen])
+        scored = mahalanobis_distances(shifted.contiguous(memory_format=torch.channels_last), mean, factor)
+        scored = torch.nn.functional.pad(scored.view(len(chosen), b, h, w), (r, r, r, r), value=math.inf)
+        # back to patches: the patch p was scored against p + o at index p + o.
+        for k, (dy, dx) in enumerate(chosen):
+            part = scored[k, :, r + dy : r + dy + h, r + dx : r + dx + w]
+            best = part.clone() if best is None else torch.minimum(best, part, out=best)
+    if best is None:
+        raise ValueError("no offset to score")
+    return best

@@ -15,22 +15,25 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from padim.alignment import augment_images, load_reference, pixel_gray, register_images
 from padim.anomaly_map import AnomalyMapGenerator, image_scores
 from padim.backbones import Backbone, BackboneSpec, get_backbone, get_spec
 from padim.cell_statistics import CellLayout, CellStatistics
 from padim.config import PadimConfig
-from padim.embedding import EmbeddingProjector, build_projector
+from padim.embedding import EmbeddingProjector, aggregate_neighbourhood, build_projector
 from padim.features import FeatureBatch, FeatureExtractor
 from padim.mahalanobis import (
     TriangleBlocks,
     mahalanobis_distances,
+    shared_distances,
+    tolerant_distances,
     triangle_blocks,
     whitened_norms,
     whitening_from_accumulator,
 )
 from padim.preprocessing import Preprocessor
 from padim.settings import CPU_BATCH_SIZE, GPU_BATCH_SIZES, ComputePath, Precision, Runtime
-from padim.statistics import GaussianAccumulator, UpdateBuffer
+from padim.statistics import GaussianAccumulator, UpdateBuffer, pool_positions
 
 
 def resolve_channels(config: PadimConfig, spec: BackboneSpec) -> int:
@@ -60,6 +63,48 @@ def grid_size(config: PadimConfig, spec: BackboneSpec) -> tuple[int, int]:
     """
     side = -(-config.input_size // spec.strides[0])
     return side, side
+
+
+def num_gaussians(config: PadimConfig, grid: tuple[int, int]) -> int:
+    """Number of Gaussians a model of ``config`` holds (rows of its ``mean`` and ``factor``).
+
+    Args:
+        config: Model options (``statistics``).
+        grid: ``(H, W)`` of the patch grid.
+
+    Returns:
+        ``H W`` per-position Gaussians, 1 shared one, or ``H W + 1`` (the shared one last).
+    """
+    positions = grid[0] * grid[1]
+    return {"position": positions, "shared": 1, "both": positions + 1}[config.statistics]
+
+
+def gaussian_distances(
+    embeddings: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor, config: PadimConfig
+) -> torch.Tensor:
+    """Distances of every patch under a configuration's statistics and scoring options.
+
+    The plain route of the remedies for unaligned parts: the neighbourhood average of the
+    embeddings, then the per-position Gaussians (tolerant within ``config.tolerance``), the
+    shared Gaussian, or the smaller of both.
+
+    Args:
+        embeddings: Shape ``(B, d, H, W)``.
+        mean: Means of :func:`num_gaussians` Gaussians, shape ``(G, d)``.
+        factor: Their whitening matrices ``(G, d, d)`` (or :class:`TriangleBlocks` for ``"position"``).
+        config: Model options.
+
+    Returns:
+        Shape ``(B, H, W)``.
+    """
+    embeddings = aggregate_neighbourhood(embeddings, config.neighbourhood)
+    positions = embeddings.shape[2] * embeddings.shape[3]
+    if config.statistics == "shared":
+        return shared_distances(embeddings, mean, factor)
+    if config.statistics == "position":
+        return tolerant_distances(embeddings, mean, factor, config.tolerance)
+    local = tolerant_distances(embeddings, mean[:positions], factor[:positions], config.tolerance)
+    return torch.minimum(local, shared_distances(embeddings, mean[positions:], factor[positions:]))
 
 
 def new_projector(config: PadimConfig) -> EmbeddingProjector:
@@ -313,6 +358,8 @@ class PadimFitter:
         path: ``"auto"``, ``"fast"`` or ``"plain"`` (see :func:`use_fast_path`).
         runtime: Where the backbone runs (:data:`~padim.settings.Runtime`).
         precision: Arithmetic of an OpenVINO backbone (:data:`~padim.settings.Precision`).
+        reference: Gray registration reference ``(S, S)`` (``registration="phase"``); default:
+            read from ``config.reference``, else the first image this fitter sees.
     """
 
     def __init__(
@@ -325,6 +372,7 @@ class PadimFitter:
         path: ComputePath = "auto",
         runtime: Runtime = "auto",
         precision: Precision = "f32",
+        reference: torch.Tensor | None = None,
     ) -> None:
         self.config = config
         self.device = resolve_device(device)
@@ -343,8 +391,34 @@ class PadimFitter:
             )
         self._accumulator = accumulator
         self._buffer = UpdateBuffer(accumulator)
-        layout = cell_layout(self.projector, self.spec, (h, w)) if use_fast_path(path, self.device) else None
+        fast = use_fast_path(path, self.device) and config.neighbourhood == 1  # averaging needs the embedding
+        layout = cell_layout(self.projector, self.spec, (h, w)) if fast else None
         self._cells = CellStatistics(accumulator, layout) if layout is not None else None
+        if reference is None and config.registration != "none" and config.reference is not None:
+            reference = load_reference(config, self.spec.mean, self.spec.std)
+        self.reference = reference
+        self._generator = torch.Generator().manual_seed(config.augment_seed)
+
+    @property
+    def needs_images(self) -> bool:
+        """Whether :meth:`update` needs the images themselves (features cannot be augmented)."""
+        return self.config.augment_copies > 0
+
+    def align(self, images: torch.Tensor) -> torch.Tensor:
+        """Register a batch onto the reference when the configuration asks for it.
+
+        Args:
+            images: Shape ``(B, 3, S, S)``, ``uint8`` or normalised.
+
+        Returns:
+            The registered images (the same tensor when registration is off). Without a
+            reference yet, the batch's first image becomes the reference.
+        """
+        if self.config.registration == "none" or images.shape[0] == 0:
+            return images
+        if self.reference is None:
+            self.reference = pixel_gray(images[:1], self.spec.mean, self.spec.std)[0].cpu()
+        return register_images(images, self.reference, self.spec.mean, self.spec.std)
 
     @property
     def accumulator(self) -> GaussianAccumulator:
@@ -387,6 +461,8 @@ class PadimFitter:
         embedding is never built; otherwise the embeddings are collected and folded in ~128
         images at a time (:class:`UpdateBuffer`). Either way the images are held until the
         buffer fills; reading :attr:`accumulator` or calling :meth:`flush` folds in what is held.
+        Images are registered first (``registration``); their ``augment_copies`` random copies
+        are folded in after them; embeddings are averaged over ``neighbourhood`` first.
 
         Args:
             images: Shape ``(B, 3, S, S)``, or the batch's features from this configuration's
@@ -395,7 +471,20 @@ class PadimFitter:
         Raises:
             ValueError: If the images are not of the model's input size.
         """
-        features = images if isinstance(images, FeatureBatch) else self.extractor.extract(images)
+        if isinstance(images, FeatureBatch):
+            if self.needs_images:
+                raise ValueError("an augmenting fitter needs the images, not their features")
+            self._fold(images)
+            return
+        images = self.align(images)
+        self._fold(self.extractor.extract(images))
+        if self.config.augment_copies:
+            copies = augment_images(images, self.config, self._generator, self.spec.mean, self.spec.std)
+            for start in range(0, copies.shape[0], max(images.shape[0], 1)):  # batches of the caller's size
+                self._fold(self.extractor.extract(copies[start : start + images.shape[0]]))
+
+    def _fold(self, features: FeatureBatch) -> None:
+        """Fold one batch's features into the statistics (cells, or the buffered embedding)."""
         if self._cells is not None and features.stage_maps is not None:
             shapes = [tuple(g.shape) for g in features.stage_maps]
             expected = self._cells.expected_shapes(features.size)
@@ -404,7 +493,7 @@ class PadimFitter:
                 return
             if shapes[0] != expected[0]:  # the images themselves do not fit the model
                 raise ValueError(f"images give stage maps {shapes}, expected {expected} for this model")
-        self._buffer.add(features.embedding())
+        self._buffer.add(aggregate_neighbourhood(features.embedding(), self.config.neighbourhood))
 
 
 class PadimModel(nn.Module):
@@ -426,6 +515,10 @@ class PadimModel(nn.Module):
         path: ``"auto"``, ``"fast"`` or ``"plain"`` scoring (see :func:`use_fast_path`).
         runtime: Where the backbone runs (:data:`~padim.settings.Runtime`).
         precision: Arithmetic of an OpenVINO backbone (:data:`~padim.settings.Precision`).
+        reference: Gray registration reference ``(S, S)``; required for ``registration="phase"``.
+
+    ``mean`` and ``factor`` hold :func:`num_gaussians` Gaussians: one per position (PaDiM), one
+    shared, or both (the shared one last).
     """
 
     def __init__(
@@ -441,13 +534,17 @@ class PadimModel(nn.Module):
         path: ComputePath = "auto",
         runtime: Runtime = "auto",
         precision: Precision = "f32",
+        reference: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        if config.registration != "none" and reference is None:
+            raise ValueError("a model with registration 'phase' needs its reference image")
         self.config = config
         self.spec = get_spec(config.backbone)
         self.projector = projector
         self.register_buffer("mean", mean.float())
         self.register_buffer("factor", factor)
+        self.register_buffer("reference", reference.float() if reference is not None else None)
         self.weights_sha256 = weights_sha256
         self.training = training
         self.thresholds = thresholds
@@ -571,11 +668,13 @@ class PadimModel(nn.Module):
 
         Args:
             images: Shape ``(B, 3, S, S)``: ``uint8`` pixels or floats normalised by
-                :meth:`preprocessor`.
+                :meth:`preprocessor`. Registered onto the reference first (``registration``).
 
         Returns:
             The batch's features (see :class:`~padim.features.FeatureBatch`).
         """
+        if self.reference is not None and self.config.registration != "none":
+            images = register_images(images, self.reference, self.spec.mean, self.spec.std)
         return self.extractor().extract(images)
 
     @torch.inference_mode()
@@ -595,6 +694,9 @@ class PadimModel(nn.Module):
         Returns:
             Shape ``(B, H, W)`` on the model's device.
         """
+        if self.config.plain_scoring:  # a remedy for unaligned parts: the whole embedding
+            embedding = features.embedding().to(self.mean.device)
+            return gaussian_distances(embedding, self.mean, self.factor, self.config)
         if use_fast_path(self.path, self.mean.device):
             factor = self.scoring_factor()
             distances = None
@@ -638,6 +740,19 @@ class PadimModel(nn.Module):
         return Prediction(anomaly_maps=maps.cpu(), scores=image_scores(maps).cpu())
 
 
+def images_in(accumulator: GaussianAccumulator, config: PadimConfig) -> int:
+    """Images whose patches are in the statistics: each was fitted with its ``augment_copies`` copies.
+
+    Args:
+        accumulator: The statistics.
+        config: The configuration they were fitted with.
+
+    Returns:
+        ``accumulator.n / (1 + augment_copies)``.
+    """
+    return accumulator.n // (1 + config.augment_copies)
+
+
 def build_model(
     fitter_or_config: PadimFitter | PadimConfig,
     accumulator: GaussianAccumulator | None = None,
@@ -650,6 +765,7 @@ def build_model(
     path: ComputePath = "auto",
     runtime: Runtime = "auto",
     precision: Precision = "f32",
+    reference: torch.Tensor | None = None,
 ) -> PadimModel:
     """Finalise accumulated statistics into a model.
 
@@ -665,6 +781,8 @@ def build_model(
         path: Scoring implementation of the model (see :func:`use_fast_path`).
         runtime: Where the model's backbone runs.
         precision: Arithmetic of an OpenVINO backbone.
+        reference: Registration reference ``(S, S)`` (default: the fitter's, else read from
+            ``config.reference``); only for ``registration="phase"``.
 
     Returns:
         The fitted model, on the accumulator's device.
@@ -674,6 +792,7 @@ def build_model(
         accumulator = accumulator or fitter_or_config.accumulator
         weights_sha256 = weights_sha256 or fitter_or_config.backbone.weights_sha256
         projector = fitter_or_config.projector
+        reference = reference if reference is not None else fitter_or_config.reference
     else:
         config = fitter_or_config
         projector = new_projector(config)
@@ -685,12 +804,15 @@ def build_model(
             f"statistics have P={accumulator.num_positions}, d={accumulator.dim}; "
             f"the configuration needs P={h * w}, d={projector.out_channels}"
         )
-    factor = whitening_from_accumulator(accumulator, config.eps, config.covariance, dtype=factor_dtype)
-    training = training or TrainingInfo(n_train=accumulator.n, training_set_sha256="")
+    mean, factor = finalize_gaussians(accumulator, config, factor_dtype)
+    if config.registration != "none" and reference is None:
+        spec = get_spec(config.backbone)
+        reference = load_reference(config, spec.mean, spec.std)
+    training = training or TrainingInfo(n_train=images_in(accumulator, config), training_set_sha256="")
     model = PadimModel(
         config=config,
         projector=projector.to(accumulator.device),
-        mean=accumulator.mean.float(),
+        mean=mean,
         factor=factor,
         weights_sha256=weights_sha256,
         training=training,
@@ -699,5 +821,39 @@ def build_model(
         path=path,
         runtime=runtime,
         precision=precision,
+        reference=reference if config.registration != "none" else None,
     )
     return model.to(accumulator.device)
+
+
+def finalize_gaussians(
+    accumulator: GaussianAccumulator, config: PadimConfig, factor_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means and whitening factors of the Gaussians ``config.statistics`` asks for.
+
+    Args:
+        accumulator: Per-position statistics ``(P, d)``.
+        config: Model options (``statistics``, ``eps``, ``covariance``).
+        factor_dtype: Storage dtype of the factors.
+
+    Returns:
+        ``mean (G, d)`` float32 and ``factor (G, d, d)``, ``G`` = :func:`num_gaussians`: the
+        per-position Gaussians, the shared one (:func:`~padim.statistics.pool_positions`), or
+        both (the shared one last).
+    """
+    parts = []
+    if config.statistics in ("position", "both"):
+        parts.append(
+            (
+                accumulator.mean.float(),
+                whitening_from_accumulator(accumulator, config.eps, config.covariance, dtype=factor_dtype),
+            )
+        )
+    if config.statistics in ("shared", "both"):
+        pooled = pool_positions(accumulator)
+        parts.append(
+            (pooled.mean.float(), whitening_from_accumulator(pooled, config.eps, config.covariance, dtype=factor_dtype))
+        )
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([m for m, _ in parts]), torch.cat([f for _, f in parts])

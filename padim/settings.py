@@ -19,8 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 __all__ = [
     "CPU_BATCH_SIZE",
     "GPU_BATCH_SIZES",
+    "HEATMAP_ARTIFACTS",
+    "HEATMAP_LINK_EXPIRY_S",
     "ComputePath",
+    "GateSettings",
     "Precision",
+    "RetentionSettings",
     "RunnerSettings",
     "Runtime",
     "ScoreSettings",
@@ -43,6 +47,14 @@ Precision = Literal["f32", "bf16"]
 """Arithmetic of the OpenVINO backbone: exact float32, or bfloat16 on CPUs that have it (AVX512-BF16 or
 AMX; refused elsewhere, where OpenVINO would silently run float32). Not the default: its accuracy cost
 is yet to be measured on such a CPU (BENCHMARKS.md)."""
+
+HEATMAP_LINK_EXPIRY_S = 7 * 24 * 3600
+"""Lifetime of the browser links to heat maps in a score run's artifacts (S3 presigned URLs: 7 days,
+the longest S3's signature version 4 allows). Links to a local store cannot be opened by a browser,
+so its artifacts name the files instead."""
+
+HEATMAP_ARTIFACTS = 5
+"""Top anomalies of a score run shown as image artifacts (when the store gives browser links)."""
 
 CPU_BATCH_SIZE = 32
 """Images per batch on a CPU (the network itself runs in micro-batches of 4-8, see the backbones)."""
@@ -151,6 +163,42 @@ class WatchSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     settle_seconds: float = Field(default=60.0, ge=0.0)
+
+
+class GateSettings(BaseModel):
+    """When a retrained model version may replace the one in use (the promotion gate).
+
+    A retrain publishes its version as a *candidate*; it becomes the version in use only if every
+    check passes on the product's calibration pool (the held-out normal images of every training
+    batch so far) and its reference defects.
+
+    Attributes:
+        max_threshold_change: Largest relative move of the image threshold against the version in
+            use (``|new - old| / old``).
+        fpr_tolerance: The candidate's false-alarm rate on the calibration pool may exceed its
+            target image FPR by at most this much.
+        min_pool_images: Fewest readable pool images for the false-alarm check; with fewer, the
+            check is skipped (and the run says so).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_threshold_change: float = Field(default=0.2, gt=0.0)
+    fpr_tolerance: float = Field(default=0.05, ge=0.0, lt=1.0)
+    min_pool_images: int = Field(default=10, ge=1)
+
+
+class RetentionSettings(BaseModel):
+    """How many model versions a product keeps.
+
+    Attributes:
+        keep_versions: Versions kept after each publish (newest first); older ones are removed,
+            except the version in use and candidates, which are never removed. ``None`` keeps all.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    keep_versions: int | None = Field(default=10, ge=1)
 
 
 class RunnerSettings(BaseModel):

@@ -352,6 +352,40 @@ class GaussianAccumulator:
             raise PadimError(f"need at least {ddof + 1} training images to estimate a covariance, got {self.n}")
 
 
+def pool_positions(accumulator: GaussianAccumulator) -> GaussianAccumulator:
+    """The statistics of every patch row of every position together: one shared Gaussian.
+
+    Exact, from the per-position statistics alone (law of total covariance; every position has
+    the same count ``n``)::
+
+        mean = mean_p mu_p
+        M2   = sum_p M2_p + n sum_p (mu_p - mean)(mu_p - mean)^T
+
+    which equals ``numpy.cov`` over the ``n P`` rows ``(n P, d)`` of all positions.
+
+    Args:
+        accumulator: Per-position statistics ``P`` x ``d``.
+
+    Returns:
+        A one-position accumulator holding ``n P`` vectors.
+
+    Raises:
+        PadimError: If the accumulator is empty.
+    """
+    if accumulator.n == 0:
+        raise PadimError("need at least one training image to pool the statistics")
+    means = accumulator.mean  # (P, d) float64
+    pooled_mean = means.mean(dim=0)
+    spread = means - pooled_mean
+    m2 = accumulator.m2.sum(dim=0) + accumulator.n * (spread.T @ spread)
+    state = {
+        "n": torch.tensor([accumulator.n * accumulator.num_positions], dtype=torch.int64),
+        "mean": pooled_mean.unsqueeze(0),
+        "m2": m2.unsqueeze(0),
+    }
+    return GaussianAccumulator.from_state_dict(state, device=accumulator.device)
+
+
 DEFAULT_BUFFER_BYTES = 160 << 20
 """Embeddings :class:`UpdateBuffer` collects before one update (about 128 images at d = 100)."""
 

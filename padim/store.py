@@ -6,6 +6,7 @@ Layout under a store root URL (``$PADIM_STORE`` or ``./padim-store`` by default)
     <root>/<product>/models/<version>/_COMPLETE       # written last, after verification
     <root>/<product>/models/<version>/<model files>
     <root>/<product>/models/LATEST                    # {"version": ...}, moved after _COMPLETE
+    <root>/<product>/models/CANDIDATES                # {"candidates": {version: {...}}}: not yet in use
     <root>/<product>/<other artifacts>                # see ModelStore.artifact_url
 
 Versions are ``vYYYYMMDDTHHMMSSZ-xxxxxx``: the UTC publish time plus 6 random hex digits, so
@@ -14,7 +15,10 @@ readers only once its ``_COMPLETE`` marker exists; the marker is written only af
 listed in ``manifest.json`` has been read back and matched its size and sha256. Locally the whole
 version is built in a hidden ``.staging-<version>-<rand>`` folder and renamed into place; on S3
 (no rename) it is written under its final prefix and the marker is the commit. ``LATEST`` moves
-(one atomic write) only after the version is committed. Details in ``docs/storage.md``.
+(one atomic write) only after the version is committed. A version published with
+``promote=False`` (a retrain awaiting the promotion gate) is recorded in ``CANDIDATES`` instead;
+:meth:`ModelStore.promote` moves ``LATEST`` to it later. :meth:`ModelStore.prune` removes old
+versions but never the one in use or a candidate. Details in ``docs/storage.md``.
 
 A manifest is data, not an instruction: whoever can write the store could also rewrite a manifest
 and re-seal its marker. So a model loaded for scoring (or as the base of a refit) may name as its
@@ -34,7 +38,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -58,6 +62,7 @@ from padim.fsio import (
 )
 
 __all__ = [
+    "CANDIDATES_FILE",
     "COMPLETE_MARKER",
     "LATEST_POINTER",
     "MANIFEST_NAME",
@@ -88,6 +93,7 @@ MODELS_DIR = "models"
 MANIFEST_NAME = "manifest.json"
 COMPLETE_MARKER = "_COMPLETE"
 LATEST_POINTER = "LATEST"
+CANDIDATES_FILE = "CANDIDATES"
 STAGING_PREFIX = ".staging-"
 PRODUCT_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -388,6 +394,8 @@ class VersionInfo:
         summary: Top-level manifest keys except ``files`` (backbone, n_train, thresholds ...).
         is_latest: True when ``LATEST`` points to this version.
         size_bytes: Total size of the files listed in the manifest.
+        candidate: ``None``, or for a candidate (published, not in use) what ``CANDIDATES``
+            records about it (``reason``, ``added_at``).
     """
 
     product: str
@@ -397,6 +405,12 @@ class VersionInfo:
     summary: dict[str, Any] = field(default_factory=dict)
     is_latest: bool = False
     size_bytes: int = 0
+    candidate: dict[str, Any] | None = None
+
+    @property
+    def is_candidate(self) -> bool:
+        """True for a candidate: published but never promoted to the version in use."""
+        return self.candidate is not None
 
 
 class ModelStore:
@@ -513,6 +527,7 @@ class ModelStore:
         if not names:
             return []
         latest = self._read_pointer_quietly(product)
+        candidates = self.candidates(product)
         manifest_paths = [f"{models_path}/{n}/{MANIFEST_NAME}" for n in names]
         marker_paths = [f"{models_path}/{n}/{COMPLETE_MARKER}" for n in names]
         contents = fs.cat(manifest_paths + marker_paths, on_error="return")
@@ -521,7 +536,30 @@ class ModelStore:
             for name, mp, cp in zip(names, manifest_paths, marker_paths, strict=True)
         ]
         dated.sort(key=lambda pair: (pair[0], pair[1].version), reverse=True)
-        return [info for _, info in dated]
+        # A version LATEST names is in use, whatever CANDIDATES still says (e.g. after set_latest).
+        return [replace(info, candidate=None if info.is_latest else candidates.get(info.version)) for _, info in dated]
+
+    def candidates(self, product: str) -> dict[str, dict[str, Any]]:
+        """The product's candidates: versions published but not (yet) promoted to ``LATEST``.
+
+        Returns:
+            ``{version: {"reason": ..., "added_at": ...}}``; ``{}`` when there is none.
+
+        Raises:
+            StoreError: ``CANDIDATES`` exists but cannot be read or is not valid JSON.
+        """
+        url = join_url(self.models_url(product), CANDIDATES_FILE)
+        try:
+            raw = read_bytes(url)
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise StoreError(f"cannot read {url}: {exc}") from exc
+        payload = _loads_or_empty(raw)
+        entries = payload.get("candidates")
+        if not isinstance(entries, dict):
+            raise StoreError(f'{url} is corrupt: expected {{"candidates": {{version: ...}}}}')
+        return {str(k): dict(v) if isinstance(v, dict) else {} for k, v in entries.items()}
 
     def products(self) -> list[str]:
         """List products with at least one published model (a ``LATEST`` pointer), sorted."""
@@ -564,8 +602,10 @@ class ModelStore:
 
     # ---- writing ------------------------------------------------------------------------------
 
-    def publish(self, product: str, write: WriteCallback, version: str | None = None) -> str:
-        """Publish a new model version atomically and move ``LATEST`` to it.
+    def publish(
+        self, product: str, write: WriteCallback, version: str | None = None, *, promote: bool = True, reason: str = ""
+    ) -> str:
+        """Publish a new model version atomically and move ``LATEST`` to it (or record a candidate).
 
         ``write(url)`` must write every file of the model under the folder URL it is given (via
         fsspec) and finally ``manifest.json`` with ``"files": {name: {"sha256", "size"}}`` for
@@ -578,6 +618,10 @@ class ModelStore:
             product: Product name (validated).
             write: Callback writing the model files into the folder URL it receives.
             version: Explicit version name; default :func:`new_version`.
+            promote: Move ``LATEST`` to the new version. ``False`` publishes a *candidate*:
+                complete and listed, recorded in ``CANDIDATES``, not used by scoring until
+                :meth:`promote`.
+            reason: Why a candidate was not promoted yet (recorded in ``CANDIDATES``).
 
         Returns:
             The published version name.
@@ -597,9 +641,83 @@ class ModelStore:
             published = self._publish_local(product, write, version)
         else:
             published = self._publish_remote(product, write, version, explicit)
-        self._set_pointer(product, published)
-        logger.info("published %s version %s to %s", product, published, self._root)
+        if promote:
+            self._set_pointer(product, published)
+            logger.info("published %s version %s to %s", product, published, self._root)
+        else:
+            self.mark_candidate(product, published, reason or "awaiting the promotion gate")
+            logger.info("published %s version %s to %s as a candidate", product, published, self._root)
         return published
+
+    def mark_candidate(self, product: str, version: str, reason: str) -> None:
+        """Record (or update) why a complete version is a candidate, not the one in use.
+
+        Args:
+            product: Product name.
+            version: A complete version.
+            reason: Why it is not in use (shown by ``padim models``).
+
+        Raises:
+            ModelNotFoundError: The version does not exist or is not complete.
+            ConfigError: The version is the one in use.
+        """
+        self.version_url(product, version)
+        if self._read_pointer_quietly(product) == version:
+            raise ConfigError(f"version {version} of {product!r} is the one in use, not a candidate")
+        entries = self.candidates(product)
+        entries[version] = {"reason": reason, "added_at": entries.get(version, {}).get("added_at") or _utc_now_iso()}
+        self._write_candidates(product, entries)
+
+    def promote(self, product: str, version: str) -> str | None:
+        """Make a complete version (a candidate, or an older version) the one scoring uses.
+
+        Args:
+            product: Product name.
+            version: The version to use.
+
+        Returns:
+            The version in use before (``None`` if there was none).
+
+        Raises:
+            ModelNotFoundError: The version does not exist or is not complete.
+        """
+        previous = self._read_pointer_quietly(product)
+        self.set_latest(product, version)
+        entries = self.candidates(product)
+        if entries.pop(version, None) is not None:
+            self._write_candidates(product, entries)
+        logger.info("promoted %s version %s (was %s)", product, version, previous)
+        return previous
+
+    def prune(self, product: str, keep: int) -> list[str]:
+        """Remove old versions, keeping the ``keep`` newest, the one in use and every candidate.
+
+        A version is made invisible first (local: its folder is renamed to a hidden staging name;
+        object stores: its ``_COMPLETE`` marker is deleted), then its files are removed; an
+        interrupted prune leaves only what :meth:`delete_incomplete` removes.
+
+        Args:
+            product: Product name.
+            keep: Newest versions to keep (at least 1); the version in use and the candidates
+                are kept in addition when they are older.
+
+        Returns:
+            The removed versions, newest first.
+
+        Raises:
+            ValueError: ``keep`` is below 1.
+            ModelNotFoundError: The product has no version in use (nothing is removed then).
+        """
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1 (the version in use is always kept), got {keep}")
+        in_use = self.latest(product)
+        versions = self.versions(product)
+        removable = [v.version for v in versions[keep:] if v.version != in_use and not v.is_candidate]
+        for name in removable:
+            self._remove_version(product, name)
+        if removable:
+            logger.info("pruned %d version(s) of %s: %s", len(removable), product, ", ".join(removable))
+        return removable
 
     def set_latest(self, product: str, version: str) -> None:
         """Point ``LATEST`` at an existing complete version (promotion or rollback).
@@ -650,6 +768,28 @@ class ModelStore:
         return removed
 
     # ---- internals ----------------------------------------------------------------------------
+
+    def _write_candidates(self, product: str, entries: Mapping[str, Any]) -> None:
+        """Atomically rewrite ``CANDIDATES``."""
+        payload = {"product": product, "candidates": dict(sorted(entries.items())), "updated_at": _utc_now_iso()}
+        url = join_url(self.models_url(product), CANDIDATES_FILE)
+        try:
+            write_bytes_atomic(url, _to_json(payload))
+        except OSError as exc:
+            raise StoreError(f"cannot write {url}: {exc}") from exc
+
+    def _remove_version(self, product: str, version: str) -> None:
+        """Make a version invisible, then delete its files."""
+        url = self._version_folder(product, version)
+        fs, path = url_to_fs(url)
+        if is_local(self._root):
+            hidden = os.path.join(os.path.dirname(path), f"{STAGING_PREFIX}pruned-{version}-{secrets.token_hex(4)}")
+            os.rename(path, hidden)
+            fsync_dir(os.path.dirname(path))
+            shutil.rmtree(hidden, ignore_errors=True)
+            return
+        fs.rm(f"{path}/{COMPLETE_MARKER}")
+        fs.rm(path, recursive=True)
 
     def _version_folder(self, product: str, version: str) -> str:
         """URL of a version folder (no existence check)."""

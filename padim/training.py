@@ -34,7 +34,15 @@ from padim.embedding import EmbeddingProjector
 from padim.engine import Calibration, calibrate, fit_images
 from padim.errors import ConfigError, IncompatibleModelError, PadimError
 from padim.images import ImageRecord
-from padim.model import PadimFitter, PadimModel, TrainingInfo, build_model, new_projector, resolve_device
+from padim.model import (
+    PadimFitter,
+    PadimModel,
+    TrainingInfo,
+    build_model,
+    images_in,
+    new_projector,
+    resolve_device,
+)
 from padim.settings import TrainSettings
 from padim.statistics import GaussianAccumulator
 from padim.store import ModelStore
@@ -262,6 +270,7 @@ def finalize_and_publish(
     holdout: Sequence[str],
     settings: TrainSettings,
     base: PadimModel | None = None,
+    promote: bool = True,
 ) -> PublishedModel:
     """Merge shard statistics, calibrate on held-out images and publish a model version.
 
@@ -276,6 +285,8 @@ def finalize_and_publish(
         settings: Calibration and device options.
         base: A previous model whose statistics the new images are added to (incremental refit);
             must carry its accumulator.
+        promote: Make the new version the one in use; ``False`` publishes a candidate for the
+            promotion gate (:mod:`padim.promotion`).
 
     Returns:
         The published version.
@@ -320,7 +331,7 @@ def finalize_and_publish(
         # Too few new images to hold any out: the new statistics keep the previous calibration.
         thresholds = replace(base.thresholds, method="inherited")
         training = TrainingInfo(
-            n_train=accumulator.n,
+            n_train=images_in(accumulator, config),
             training_set_sha256=training_set_digest([sha for _, sha in images]),
             training_images=images,
             calibration_images=list(base.training.calibration_images),
@@ -334,7 +345,7 @@ def finalize_and_publish(
     thresholds = model.thresholds
     if thresholds is None:
         raise PadimError("the model has no calibrated threshold")
-    version = store.publish(product, lambda url: save_model(model, url))
+    version = store.publish(product, lambda url: save_model(model, url), promote=promote)
     manifest = store.read_manifest(product, version)
     manifest.pop("files", None)
     manifest.pop("channel_indices", None)
@@ -342,7 +353,7 @@ def finalize_and_publish(
         product=product,
         version=version,
         url=store.version_url(product, version),
-        n_train=accumulator.n,
+        n_train=images_in(accumulator, config),
         n_calibration=thresholds.n_images,
         image_threshold=thresholds.image,
         pixel_threshold=thresholds.pixel,
@@ -409,7 +420,12 @@ def calibrate_and_merge(
     fitter = None
     if merge:
         fitter = PadimFitter(
-            config, accumulator.device, accumulator=accumulator, projector=provisional.projector, **execution
+            config,
+            accumulator.device,
+            accumulator=accumulator,
+            projector=provisional.projector,
+            reference=provisional.reference,
+            **execution,
         )
     try:
         calibration = calibrate(
@@ -432,7 +448,7 @@ def calibrate_and_merge(
     held_out = [(r.uri, r.sha256 or "") for r in calibration.scored]
     all_images = list(images) + held_out
     training = TrainingInfo(
-        n_train=accumulator.n,
+        n_train=images_in(accumulator, config),
         training_set_sha256=training_set_digest([sha for _, sha in all_images]),
         training_images=all_images,
         calibration_images=held_out,

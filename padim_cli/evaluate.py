@@ -27,6 +27,8 @@ def metric_lines(result: Any) -> list[str]:
     lines = [
         f"Evaluation of {result.dataset}",
         f"  model               {config.backbone}, d={config.channels or 'default'}, {geometry}, {result.device}",
+        "  unaligned parts     "
+        + (", ".join(f"{k}={v}" for k, v in config.remedies().items()) or "no remedy (plain PaDiM)"),
         f"  images              {result.n_train} train ({result.n_holdout} held out for calibration), "
         f"{result.n_test} test ({result.n_test_anomalous} defective)",
         f"  image AUROC         {_value(result.image_auroc)}",

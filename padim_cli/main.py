@@ -18,7 +18,16 @@ from typing import Annotated
 import typer
 
 from padim.config import DEFAULT_CHANNELS, PadimConfig
-from padim.settings import CPU_BATCH_SIZE, RunnerSettings, ScoreSettings, TrainSettings, WatchSettings, default_of
+from padim.settings import (
+    CPU_BATCH_SIZE,
+    GateSettings,
+    RetentionSettings,
+    RunnerSettings,
+    ScoreSettings,
+    TrainSettings,
+    WatchSettings,
+    default_of,
+)
 from padim_cli.environment import apply_defaults, debug_enabled
 from padim_cli.errors import describe_error, exit_code_for
 from padim_cli.render import (
@@ -73,6 +82,21 @@ class PrecisionChoice(str, Enum):
 
     f32 = "f32"
     bf16 = "bf16"
+
+
+class StatisticsChoice(str, Enum):
+    """Gaussians of the model (see :class:`padim.config.PadimConfig`)."""
+
+    position = "position"
+    shared = "shared"
+    both = "both"
+
+
+class RegistrationChoice(str, Enum):
+    """Registration of each image onto the product's reference."""
+
+    none = "none"
+    phase = "phase"
 
 
 class ReportFormat(str, Enum):
@@ -191,6 +215,108 @@ CropOpt = Annotated[
     ),
 ]
 NoCropOpt = Annotated[bool, typer.Option("--no-crop", help="Use the whole resized image (the default).")]
+# Remedies for parts that are not aligned (PadimConfig documents each; the defaults are plain PaDiM).
+StatisticsOpt = Annotated[
+    StatisticsChoice,
+    typer.Option(
+        "--statistics",
+        help="Gaussians: one per patch position (PaDiM), one shared by all positions (parts that move), or both"
+        " (a patch's distance is the smaller).",
+        case_sensitive=False,
+    ),
+]
+AugmentCopiesOpt = Annotated[
+    int,
+    typer.Option(
+        "--augment-copies",
+        min=0,
+        max=64,
+        metavar="N",
+        help="Also fit N randomly shifted/rotated copies of each good image (0 = off).",
+    ),
+]
+AugmentSeedOpt = Annotated[int, typer.Option("--augment-seed", help="Seed of the copies' random transforms.")]
+AugmentShiftOpt = Annotated[
+    float,
+    typer.Option("--augment-shift", min=0.0, max=0.5, help="Largest shift of a copy, as a share of the side."),
+]
+AugmentRotationOpt = Annotated[
+    float,
+    typer.Option("--augment-rotation", min=0.0, max=180.0, help="Largest rotation of a copy, in degrees."),
+]
+AugmentFlipOpt = Annotated[
+    bool,
+    typer.Option(
+        "--augment-flip",
+        help=f"Also flip the copies at random.  [default: {str(default_of(PadimConfig, 'augment_flip')).lower()}]",
+    ),
+]
+NeighbourhoodOpt = Annotated[
+    int,
+    typer.Option(
+        "--neighbourhood",
+        min=1,
+        max=15,
+        metavar="K",
+        help="Average each patch's features over its K x K neighbourhood (odd; 1 = off, 3 as PatchCore).",
+    ),
+]
+ToleranceOpt = Annotated[
+    int,
+    typer.Option(
+        "--tolerance",
+        min=0,
+        max=8,
+        metavar="R",
+        help="Score each patch against the Gaussians of the positions within R patches (0 = PaDiM).",
+    ),
+]
+RegistrationOpt = Annotated[
+    RegistrationChoice,
+    typer.Option(
+        "--registration",
+        help="Translate each image onto the product's reference image (phase correlation) before the CNN.",
+        case_sensitive=False,
+    ),
+]
+ReferenceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--reference",
+        metavar="URL",
+        help="Reference image of --registration phase. Default: the first training image.",
+        show_default=False,
+    ),
+]
+
+
+def remedy_options(
+    statistics: StatisticsChoice,
+    augment_copies: int,
+    augment_seed: int,
+    augment_shift: float,
+    augment_rotation: float,
+    augment_flip: bool,
+    neighbourhood: int,
+    tolerance: int,
+    registration: RegistrationChoice,
+    reference: str | None,
+) -> dict[str, object]:
+    """The options for parts that are not aligned, as :class:`PadimConfig` fields."""
+    return {
+        "statistics": statistics.value,
+        "augment_copies": augment_copies,
+        "augment_seed": augment_seed,
+        "augment_shift": augment_shift,
+        "augment_rotation": augment_rotation,
+        "augment_flip": augment_flip,
+        "neighbourhood": neighbourhood,
+        "tolerance": tolerance,
+        "registration": registration.value,
+        "reference": reference,
+    }
+
+
 HoldoutOpt = Annotated[
     float,
     typer.Option(
@@ -226,6 +352,30 @@ DaskWorkersOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the full result as JSON instead of the summary.")]
+DriftMinImagesOpt = Annotated[
+    int,
+    typer.Option("--drift-min-images", min=1, metavar="N", help="Fewest scored images for a drift decision."),
+]
+DriftMaxRateOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--drift-max-anomaly-rate",
+        min=0.0,
+        max=1.0,
+        metavar="RATE",
+        help="Share of anomalous images above which a night drifted. Default: max(5 x the model's image FPR, 10 %).",
+        show_default=False,
+    ),
+]
+DriftMaxRatioOpt = Annotated[
+    float,
+    typer.Option(
+        "--drift-max-median-ratio",
+        min=1.0,
+        metavar="RATIO",
+        help="Tonight's median score over the held-out images' median above which a night drifted.",
+    ),
+]
 
 
 # ---- global options -------------------------------------------------------------------------
@@ -338,6 +488,16 @@ def train(
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Images per fit task.")] = default_of(
         TrainSettings, "shard_size"
     ),
+    statistics: StatisticsOpt = StatisticsChoice(default_of(PadimConfig, "statistics")),
+    augment_copies: AugmentCopiesOpt = default_of(PadimConfig, "augment_copies"),
+    augment_seed: AugmentSeedOpt = default_of(PadimConfig, "augment_seed"),
+    augment_shift: AugmentShiftOpt = default_of(PadimConfig, "augment_shift"),
+    augment_rotation: AugmentRotationOpt = default_of(PadimConfig, "augment_rotation"),
+    augment_flip: AugmentFlipOpt = default_of(PadimConfig, "augment_flip"),
+    neighbourhood: NeighbourhoodOpt = default_of(PadimConfig, "neighbourhood"),
+    tolerance: ToleranceOpt = default_of(PadimConfig, "tolerance"),
+    registration: RegistrationOpt = RegistrationChoice(default_of(PadimConfig, "registration")),
+    reference: ReferenceOpt = default_of(PadimConfig, "reference"),
     dask: DaskOpt = None,
     dask_workers: DaskWorkersOpt = None,
     as_json: JsonOpt = False,
@@ -355,13 +515,26 @@ def train(
         padim train --product bottle --normal ./images/bottle/good
         padim train -p bottle --normal s3://factory/bottle/good --store s3://padim/store
         padim train -p bottle --normal ./good --backbone resnet18 --weights ./resnet18-f37072fd.pth
+        padim train -p gear --normal ./gear/good --statistics both --tolerance 1
     """
     from flows.params import build_config
 
     check_product(product)
     if no_crop and crop is not None:
         raise typer.BadParameter("give either --crop N or --no-crop, not both", param_hint="--crop")
-    build_config(backbone.value, weights, channels, image_size, crop)
+    remedies = remedy_options(
+        statistics,
+        augment_copies,
+        augment_seed,
+        augment_shift,
+        augment_rotation,
+        augment_flip,
+        neighbourhood,
+        tolerance,
+        registration,
+        reference,
+    )
+    build_config(backbone.value, weights, channels, image_size, crop, **remedies)
     root = resolve_store(store)
     normal = check_folder(absolute_url(normal, "normal images folder"), "normal images", root)
     if calibration:
@@ -389,6 +562,7 @@ def train(
         image_fpr=image_fpr,
         pixel_fpr=pixel_fpr,
         max_skipped_fraction=max_skipped_fraction,
+        **remedies,
     )
     if as_json:
         print_json(result)
@@ -522,6 +696,16 @@ def evaluate(
     roc: Annotated[
         bool, typer.Option("--roc", help="Also draw the image and pixel ROC curves (needs --figures).")
     ] = False,
+    statistics: StatisticsOpt = StatisticsChoice(default_of(PadimConfig, "statistics")),
+    augment_copies: AugmentCopiesOpt = default_of(PadimConfig, "augment_copies"),
+    augment_seed: AugmentSeedOpt = default_of(PadimConfig, "augment_seed"),
+    augment_shift: AugmentShiftOpt = default_of(PadimConfig, "augment_shift"),
+    augment_rotation: AugmentRotationOpt = default_of(PadimConfig, "augment_rotation"),
+    augment_flip: AugmentFlipOpt = default_of(PadimConfig, "augment_flip"),
+    neighbourhood: NeighbourhoodOpt = default_of(PadimConfig, "neighbourhood"),
+    tolerance: ToleranceOpt = default_of(PadimConfig, "tolerance"),
+    registration: RegistrationOpt = RegistrationChoice(default_of(PadimConfig, "registration")),
+    reference: ReferenceOpt = default_of(PadimConfig, "reference"),
 ) -> None:
     """Measure accuracy on a labelled data set in the MVTec AD layout (no Prefect, no store).
 
@@ -542,7 +726,19 @@ def evaluate(
         raise typer.BadParameter("--roc needs --figures DIR (the curves are drawn there)", param_hint="--roc")
     if no_crop and crop is not None:
         raise typer.BadParameter("give either --crop N or --no-crop, not both", param_hint="--crop")
-    config = build_config(backbone.value, weights, channels, image_size, crop)
+    remedies = remedy_options(
+        statistics,
+        augment_copies,
+        augment_seed,
+        augment_shift,
+        augment_rotation,
+        augment_flip,
+        neighbourhood,
+        tolerance,
+        registration,
+        reference,
+    )
+    config = build_config(backbone.value, weights, channels, image_size, crop, **remedies)
     settings = TrainSettings(
         batch_size=batch_size,
         device=device.value,
@@ -659,9 +855,26 @@ def report(
 # ---- models ---------------------------------------------------------------------------------
 
 
-@app.command()
+models_app = typer.Typer(
+    no_args_is_help=False,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback(invoke_without_command=True)
 def models(
-    product: ProductOpt,
+    ctx: typer.Context,
+    product: Annotated[
+        str | None,
+        typer.Option(
+            "--product",
+            "-p",
+            metavar="NAME",
+            help="Product name: 1-64 lower-case letters, digits, '.', '_' or '-' (e.g. bottle, tile-2).",
+            show_default=False,
+        ),
+    ] = None,
     store: StoreOpt = None,
     output_format: Annotated[
         ListFormat, typer.Option("--format", "-f", help="Output format.", case_sensitive=False)
@@ -670,18 +883,25 @@ def models(
     """List a product's model versions, newest first, with their manifest summary.
 
     Shows the backbone, input geometry, embedding channels, number of training images, the
-    calibrated image and pixel thresholds, the size, and a `*` on the version scoring uses
-    (LATEST).
+    calibrated image and pixel thresholds, the size, a `*` on the version scoring uses (LATEST)
+    and a `c` on candidates: retrained versions the promotion gate kept out of use (why: below the
+    table; `padim models promote` puts one in use). Subcommands: `promote`, `prune`.
 
     Examples:
 
     \b
         padim models --product bottle
         padim models -p bottle --store s3://padim/store --format json
+        padim models promote bottle v20261128T031500Z-3fa2c1
+        padim models prune bottle --keep 5
     """
-    from padim.errors import ModelNotFoundError
+    from padim.errors import ConfigError, ModelNotFoundError
     from padim.store import ModelStore
 
+    if ctx.invoked_subcommand is not None:
+        return
+    if product is None:
+        raise ConfigError("name the product: padim models --product NAME (or padim models promote|prune ...)")
     check_product(product)
     model_store = ModelStore(resolve_store(store))
     versions = model_store.versions(product)
@@ -694,6 +914,8 @@ def models(
                     "version": v.version,
                     "created_at": v.created_at,
                     "latest": v.is_latest,
+                    "candidate": v.is_candidate,
+                    "candidate_reason": (v.candidate or {}).get("reason"),
                     "url": v.url,
                     "size_bytes": v.size_bytes,
                     **{k: val for k, val in v.summary.items() if k != "channel_indices"},
@@ -702,8 +924,63 @@ def models(
             ]
         )
         return
-    print(f"Models of {product} in {model_store.root} (* = latest, used by score):")
+    print(f"Models of {product} in {model_store.root} (* = latest, used by score; c = candidate, not in use):")
     print(format_table(MODEL_HEADERS, model_rows(versions)))
+    for info in versions:
+        if info.is_candidate:
+            print(f"c {info.version}: {(info.candidate or {}).get('reason') or 'not promoted'}")
+
+
+@models_app.command("promote")
+def models_promote(
+    product: Annotated[str, typer.Argument(help="Product name.", show_default=False)],
+    version: Annotated[str, typer.Argument(help="The version to put in use (see padim models).", show_default=False)],
+    store: StoreOpt = None,
+) -> None:
+    """Put a version in use: a candidate the promotion gate kept out, or an older version (rollback).
+
+    Score runs from now on use it (`LATEST`); a candidate stops being one. The previous version
+    stays in the store.
+
+    Examples:
+
+    \b
+        padim models promote bottle v20261128T031500Z-3fa2c1
+    """
+    from padim.store import ModelStore
+
+    check_product(product)
+    model_store = ModelStore(resolve_store(store))
+    previous = model_store.promote(product, version)
+    print(f"{product}: version {version} is in use (was {previous or 'none'})")
+
+
+@models_app.command("prune")
+def models_prune(
+    product: Annotated[str, typer.Argument(help="Product name.", show_default=False)],
+    keep: Annotated[
+        int,
+        typer.Option("--keep", min=1, metavar="N", help="Newest versions to keep (the one in use and candidates too)."),
+    ],
+    store: StoreOpt = None,
+) -> None:
+    """Remove a product's old model versions, keeping the N newest.
+
+    The version in use and every candidate are never removed, however old. Training and
+    retraining apply the same rule after each publish with the product's `keep_versions` (default
+    from padim/settings.py, RetentionSettings).
+
+    Examples:
+
+    \b
+        padim models prune bottle --keep 5
+    """
+    from padim.store import ModelStore
+
+    check_product(product)
+    model_store = ModelStore(resolve_store(store))
+    removed = model_store.prune(product, keep)
+    print(f"{product}: removed {len(removed)} version(s)" + (": " + ", ".join(removed) if removed else ""))
 
 
 # ---- serve, retrain, configure, nightly, watch -------------------------------------------------
@@ -760,6 +1037,36 @@ def retrain(
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Images per fit task.")] = default_of(
         TrainSettings, "shard_size"
     ),
+    gate: Annotated[
+        bool,
+        typer.Option(
+            "--gate/--no-gate",
+            help="Put the new version in use only if it passes the promotion gate (else it stays a candidate).",
+        ),
+    ] = True,
+    max_threshold_change: Annotated[
+        float | None,
+        typer.Option(
+            "--max-threshold-change",
+            min=0.0,
+            metavar="FRACTION",
+            help="Gate: largest relative move of the image threshold. Default: the product's setting, else "
+            f"{default_of(GateSettings, 'max_threshold_change')}.",
+            show_default=False,
+        ),
+    ] = None,
+    fpr_tolerance: Annotated[
+        float | None,
+        typer.Option(
+            "--fpr-tolerance",
+            min=0.0,
+            max=1.0,
+            metavar="FRACTION",
+            help="Gate: false alarms on the calibration pool may exceed the target FPR by this much. Default: the "
+            f"product's setting, else {default_of(GateSettings, 'fpr_tolerance')}.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Add newly arrived good images to a product's model, or refit it, and publish a new version.
@@ -769,6 +1076,13 @@ def retrain(
     thresholds are re-calibrated. `--full` refits from scratch on the old and new images. The
     retrain deployment runs this on the events `padim.normal-images.added` and
     `padim.drift.detected`.
+
+    The new version is a candidate until it passes the promotion gate: its image threshold moves
+    by less than --max-threshold-change, its false alarms on the product's calibration pool (the
+    held-out good images of every batch so far) stay within the target + --fpr-tolerance, and it
+    still flags the product's reference defects (`padim configure --reference-defects`). A
+    rejected candidate is listed by `padim models` with the reason; `padim models promote` puts
+    it in use. --no-gate puts the new version in use directly.
 
     Examples:
 
@@ -793,6 +1107,9 @@ def retrain(
         runtime=runtime.value,
         precision=precision.value,
         shard_size=shard_size,
+        gate=gate,
+        max_threshold_change=max_threshold_change,
+        fpr_tolerance=fpr_tolerance,
     )
     if as_json:
         print_json(result)
@@ -801,6 +1118,12 @@ def retrain(
     else:
         print("\n".join(train_lines(result)))
         print(f"  previous version    {result.get('previous_version')} ({'full refit' if full else 'incremental'})")
+        decision = result.get("gate")
+        if decision is not None and not decision.get("passed"):
+            print(f"  CANDIDATE, not in use: {'; '.join(decision.get('reasons') or [])}")
+            print(f"  in use              {result.get('in_use')} (padim models promote {product} {result['version']})")
+        elif decision is not None:
+            print("  promotion gate      passed: the new version is in use")
 
 
 @app.command()
@@ -824,14 +1147,93 @@ def configure(
             show_default=False,
         ),
     ] = None,
+    reference_defects: Annotated[
+        str | None,
+        typer.Option(
+            "--reference-defects",
+            metavar="URL",
+            help="Folder of known defect images a retrained model must still flag (promotion gate).",
+            show_default=False,
+        ),
+    ] = None,
+    max_threshold_change: Annotated[
+        float | None,
+        typer.Option(
+            "--max-threshold-change",
+            min=0.0,
+            metavar="FRACTION",
+            help="Promotion gate: largest relative move of the image threshold "
+            f"(default {default_of(GateSettings, 'max_threshold_change')}).",
+            show_default=False,
+        ),
+    ] = None,
+    fpr_tolerance: Annotated[
+        float | None,
+        typer.Option(
+            "--fpr-tolerance",
+            min=0.0,
+            max=1.0,
+            metavar="FRACTION",
+            help="Promotion gate: false alarms on the calibration pool may exceed the target FPR by this much "
+            f"(default {default_of(GateSettings, 'fpr_tolerance')}).",
+            show_default=False,
+        ),
+    ] = None,
+    keep_versions: Annotated[
+        int | None,
+        typer.Option(
+            "--keep-versions",
+            min=0,
+            metavar="N",
+            help="Model versions kept after each publish, besides the one in use and candidates; 0 keeps all "
+            f"(default {default_of(RetentionSettings, 'keep_versions')}).",
+            show_default=False,
+        ),
+    ] = None,
+    drift_min_images: Annotated[
+        int | None,
+        typer.Option(
+            "--drift-min-images",
+            min=1,
+            metavar="N",
+            help="Fewest scored images for a drift decision "
+            f"(default {default_of(ScoreSettings, 'drift_min_images')}).",
+            show_default=False,
+        ),
+    ] = None,
+    drift_max_anomaly_rate: Annotated[
+        float | None,
+        typer.Option(
+            "--drift-max-anomaly-rate",
+            min=0.0,
+            max=1.0,
+            metavar="RATE",
+            help="Share of anomalous images above which a night drifted (default: max(5 x the image FPR, 10 %)).",
+            show_default=False,
+        ),
+    ] = None,
+    drift_max_median_ratio: Annotated[
+        float | None,
+        typer.Option(
+            "--drift-max-median-ratio",
+            min=1.0,
+            metavar="RATIO",
+            help="Median score over the held-out median above which a night drifted "
+            f"(default {default_of(ScoreSettings, 'drift_max_median_ratio')}).",
+            show_default=False,
+        ),
+    ] = None,
     store: StoreOpt = None,
 ) -> None:
-    """Set where a product's images arrive, for the nightly and watch flows.
+    """Set where a product's images arrive, and its own gate, retention and drift settings.
 
     Writes `<store>/<product>/product.json`. The nightly flow scores every product with an
     incoming folder; the watch flow announces each new sub-folder of the landing folder once
-    (event `padim.normal-images.added`, which triggers the retrain deployment). Without options,
-    prints the current settings.
+    (event `padim.normal-images.added`, which triggers the retrain deployment). The other
+    options override, for this product only, the defaults of padim/settings.py: the promotion
+    gate of retrained models, how many versions are kept, and the nightly drift check (the
+    nightly run uses a product's own bounds before its parameters). Without options, prints the
+    current settings.
 
     Examples:
 
@@ -844,18 +1246,26 @@ def configure(
 
     check_product(product)
     model_store = ModelStore(resolve_store(store))
-    if incoming is None and landing is None:
+    changes = {
+        "incoming_url": absolute_url(incoming, "incoming folder") if incoming is not None else None,
+        "landing_url": absolute_url(landing, "landing folder") if landing is not None else None,
+        "reference_defects_url": (
+            absolute_url(reference_defects, "reference defects folder") if reference_defects is not None else None
+        ),
+        "max_threshold_change": max_threshold_change,
+        "fpr_tolerance": fpr_tolerance,
+        "keep_versions": keep_versions,
+        "drift_min_images": drift_min_images,
+        "drift_max_anomaly_rate": drift_max_anomaly_rate,
+        "drift_max_median_ratio": drift_max_median_ratio,
+    }
+    if all(value is None for value in changes.values()):
         settings = read_product_settings(model_store, product)
     else:
-        settings = update_product_settings(
-            model_store,
-            product,
-            incoming_url=absolute_url(incoming, "incoming folder") if incoming is not None else None,
-            landing_url=absolute_url(landing, "landing folder") if landing is not None else None,
-        )
+        settings = update_product_settings(model_store, product, **changes)
         print(f"Saved the settings of {product} in {model_store.root}")
     for name, value in settings.model_dump().items():
-        print(f"  {name:<14}{value if value is not None else '-'}")
+        print(f"  {name:<24}{value if value is not None else '-'}")
     if incoming and "{date}" not in incoming:
         print("  note: --incoming has no {date}: every night scores the same folder")
 
@@ -881,12 +1291,18 @@ def nightly(
     device: DeviceOpt = Device(default_of(ScoreSettings, "device")),
     runtime: RuntimeOpt = RuntimeChoice(default_of(ScoreSettings, "runtime")),
     precision: PrecisionOpt = PrecisionChoice(default_of(ScoreSettings, "precision")),
+    drift_min_images: DriftMinImagesOpt = default_of(ScoreSettings, "drift_min_images"),
+    drift_max_anomaly_rate: DriftMaxRateOpt = default_of(ScoreSettings, "drift_max_anomaly_rate"),
+    drift_max_median_ratio: DriftMaxRatioOpt = default_of(ScoreSettings, "drift_max_median_ratio"),
     as_json: JsonOpt = False,
 ) -> None:
     """Score the night's images of every configured product (what the nightly deployment runs).
 
     Each product with an incoming folder (see `padim configure`) is scored with its latest model;
     a product that fails does not stop the others, and the command fails at the end if any did.
+    A store that does not exist or holds no model, no configured product, or a missing incoming
+    folder fail with an error naming what to set; a night when nothing arrived is reported as such.
+    Drift bounds: the product's own (`padim configure --drift-...`), else these options.
 
     Examples:
 
@@ -906,13 +1322,17 @@ def nightly(
         device=device.value,
         runtime=runtime.value,
         precision=precision.value,
+        drift_min_images=drift_min_images,
+        drift_max_anomaly_rate=drift_max_anomaly_rate,
+        drift_max_median_ratio=drift_max_median_ratio,
     )
     if as_json:
         print_json(result)
         return
-    if not result["products"]:
-        print(f"No configured product in {root}: set incoming folders with `padim configure`")
     for name, outcome in result["products"].items():
+        if outcome.get("nothing_arrived"):
+            print(f"{name} {result['date']}: nothing arrived (no image under {outcome['images_url']})")
+            continue
         print(
             f"{name} {result['date']}: {outcome['n_scored']} scored, {outcome['n_skipped']} skipped, "
             f"{outcome['n_anomalies']} anomalies, {outcome['n_errors']} errors"

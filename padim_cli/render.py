@@ -81,7 +81,7 @@ def model_rows(versions: Sequence[Any]) -> list[list[object]]:
         created = (info.created_at or "")[:19].replace("T", " ")
         rows.append(
             [
-                "*" if info.is_latest else "",
+                "*" if info.is_latest else ("c" if getattr(info, "is_candidate", False) else ""),
                 info.version,
                 created or None,
                 summary.get("backbone"),

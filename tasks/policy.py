@@ -41,5 +41,14 @@ TASK_OPTIONS: dict[str, Any] = {
     "retry_condition_fn": is_transient,
     "cache_policy": NO_CACHE,
     "persist_result": False,
+    "result_serializer": "json",
 }
 """Keyword arguments of ``@task`` for every padim task."""
+
+RESULT_OPTIONS: dict[str, Any] = {"persist_result": False, "result_serializer": "json"}
+"""Keyword arguments of ``@flow`` for every padim flow.
+
+Results stay in memory. Prefect still writes the exception of a *failed* run to its result
+storage (``PREFECT_LOCAL_STORAGE_PATH``, by default ``$PREFECT_HOME/storage``) whatever
+``persist_result`` says; with the JSON serializer that file is ``{"__exc_type__": ..., "message":
+...}``, never a pickle (Prefect's default serializer is cloudpickle)."""

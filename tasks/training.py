@@ -50,6 +50,7 @@ def finalize_and_publish_task(
     holdout: list[str],
     settings: TrainSettings,
     incremental: bool = False,
+    promote: bool = True,
 ) -> PublishedModel:
     """Merge the shards, calibrate on held-out images and publish a new version.
 
@@ -61,17 +62,19 @@ def finalize_and_publish_task(
         holdout: Held-out normal images.
         settings: Calibration options.
         incremental: Add to the latest version's statistics instead of starting afresh.
+        promote: Make the new version the one in use (``False``: a candidate for the gate).
 
     Returns:
         The published version.
     """
     store = ModelStore(store_url)
     base = load_base_model(store, product, settings.device) if incremental else None
-    published = finalize_and_publish(store, product, config, outcomes, holdout, settings, base=base)
+    published = finalize_and_publish(store, product, config, outcomes, holdout, settings, base=base, promote=promote)
     get_run_logger().info(
-        "published %s %s: %d training images, threshold %.3f",
+        "published %s %s%s: %d training images, threshold %.3f",
         product,
         published.version,
+        "" if promote else " as a candidate",
         published.n_train,
         published.image_threshold,
     )

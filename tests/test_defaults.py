@@ -30,7 +30,16 @@ from typer.testing import CliRunner
 from padim.backbones import BACKBONES
 from padim.config import DEFAULT_CHANNELS, PadimConfig
 from padim.inspection import check_drift
-from padim.settings import CPU_BATCH_SIZE, RunnerSettings, ScoreSettings, TrainSettings, WatchSettings, default_of
+from padim.settings import (
+    CPU_BATCH_SIZE,
+    GateSettings,
+    RetentionSettings,
+    RunnerSettings,
+    ScoreSettings,
+    TrainSettings,
+    WatchSettings,
+    default_of,
+)
 from padim.synthetic import make_demo_dataset
 from padim.training import plan_training
 
@@ -45,6 +54,8 @@ SETTINGS_MODELS: dict[str, type[BaseModel]] = {
     "ScoreSettings": ScoreSettings,
     "RunnerSettings": RunnerSettings,
     "WatchSettings": WatchSettings,
+    "GateSettings": GateSettings,
+    "RetentionSettings": RetentionSettings,
 }
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -567,7 +578,9 @@ def test_reports_doc_quotes_the_score_shard_size() -> None:
 
 # ---- the README's table of defaults ------------------------------------------------------------
 
-_FIELD_REF = re.compile(r"`(PadimConfig|TrainSettings|ScoreSettings|RunnerSettings|WatchSettings)\.(\w+)`")
+_FIELD_REF = re.compile(
+    r"`(PadimConfig|TrainSettings|ScoreSettings|RunnerSettings|WatchSettings|GateSettings|RetentionSettings)\.(\w+)`"
+)
 
 NOT_IN_DEFAULTS_TABLE = {
     ("TrainSettings", "calibration_url"),  # a folder per run, its absence is the hold-out
@@ -620,7 +633,8 @@ def test_readme_defaults_table_agrees_with_the_settings() -> None:
             documented.add((model_name, field))
     expected = {
         (name, field)
-        for name in ("TrainSettings", "ScoreSettings", "RunnerSettings", "WatchSettings")
+        for name in SETTINGS_MODELS
+        if name != "PadimConfig"
         for field in SETTINGS_MODELS[name].model_fields
     } - NOT_IN_DEFAULTS_TABLE
     missing = (expected | REQUIRED_CONFIG_FIELDS) - documented

@@ -154,3 +154,28 @@ def test_acceptance_script_passes() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "cron with tz, triggers on both events, watch interval" in done.stdout
+
+
+@pytest.mark.parametrize("value", [None, "/nonexistent/padim-project"])
+def test_a_worker_without_the_project_dir_fails_naming_the_variable(
+    value: str | None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The pull steps check PADIM_PROJECT_DIR before changing into it (a worker without it names it)."""
+    from prefect.deployments.steps.utility import run_shell_script
+
+    pull = yaml.safe_load(PREFECT_YAML.read_text(encoding="utf-8"))["pull"]
+    check = next(
+        step["prefect.deployments.steps.run_shell_script"]
+        for step in pull
+        if "prefect.deployments.steps.run_shell_script" in step
+    )
+    kwargs = {k: v for k, v in check.items() if k != "id"}
+    if value is None:
+        monkeypatch.delenv("PADIM_PROJECT_DIR", raising=False)
+    else:
+        monkeypatch.setenv("PADIM_PROJECT_DIR", value)
+    with pytest.raises(RuntimeError, match="PADIM_PROJECT_DIR is not set to the project folder"):
+        asyncio.run(run_shell_script(**kwargs))
+    monkeypatch.setenv("PADIM_PROJECT_DIR", str(tmp_path))
+    asyncio.run(run_shell_script(**kwargs))
+    assert list(pull[-1]) == ["prefect.deployments.steps.set_working_directory"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fsspec
+import httpx
 import pytest
 
 from flows.score import score
@@ -13,6 +14,7 @@ from padim.fsio import exists
 from padim.landing import list_batches, marker_url
 from padim.products import update_product_settings
 from padim.reports import query_reports, scored_images
+from padim.settings import HEATMAP_ARTIFACTS
 from padim.store import ModelStore
 from tasks.events import NORMAL_IMAGES_ADDED
 from tests.flow_helpers import (
@@ -22,6 +24,7 @@ from tests.flow_helpers import (
     write_images,
 )
 from tests.s3_server import s3_bucket, s3_endpoint  # noqa: F401
+from tests.test_flows import artifact_markdown
 
 pytest_plugins = ["tests.prefect_harness"]  # one harness per session, however many modules use it
 
@@ -30,6 +33,23 @@ DAY = "2026-11-25"
 
 
 @pytest.mark.slow
+def heatmap_image_artifacts(key: str) -> list[str]:
+    """The URLs of the newest run's heat-map image artifacts (keys ``<key>-heatmap-N``), in rank order."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["image"])), sort=ArtifactSort.CREATED_DESC
+        )
+    latest = {}
+    for artifact in artifacts:  # newest first: keep each key's newest
+        if artifact.key and artifact.key.startswith(f"{key}-heatmap-"):
+            latest.setdefault(artifact.key, str(artifact.data))
+    return [latest[k] for k in sorted(latest, key=lambda k: int(k.rsplit("-", 1)[1]))]
+
+
 def test_train_then_score_on_s3(prefect_harness: None, s3_bucket: str) -> None:  # noqa: F811
     normal = f"{s3_bucket}/images/normal"
     night = f"{s3_bucket}/images/night/{DAY}"
@@ -61,6 +81,12 @@ def test_train_then_score_on_s3(prefect_harness: None, s3_bucket: str) -> None: 
     assert first["n_anomalies"] == len(anomalous) and first["n_scored"] == len(uris) == first["n_images"]
     for heatmap in anomalous["heatmap_uri"]:
         assert heatmap.startswith(f"{store}/{PRODUCT}/heatmaps/{DAY}/") and exists(heatmap)
+    images = heatmap_image_artifacts(f"inspection-{PRODUCT}")
+    assert 1 <= len(images) <= min(len(anomalous), HEATMAP_ARTIFACTS)
+    for url in images:  # presigned: a browser opens them with no credentials
+        response = httpx.get(url, timeout=30)
+        assert response.status_code == 200 and response.content.startswith(b"\x89PNG"), url
+    assert f"[heat map]({images[0]})" in artifact_markdown(f"inspection-{PRODUCT}")[0]
 
     second = score(product=PRODUCT, images_url=night, store=store, date=DAY, device="cpu", shard_size=4)
 

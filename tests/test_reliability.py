@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import tasks.events
+import tasks.promotion
 import tasks.scoring
 import tasks.storage
 import tasks.training
@@ -655,7 +656,7 @@ def test_no_task_result_is_pickled_by_prefect() -> None:
 
     found = [
         value
-        for module in (tasks.events, tasks.scoring, tasks.storage, tasks.training)
+        for module in (tasks.events, tasks.promotion, tasks.scoring, tasks.storage, tasks.training)
         for value in vars(module).values()
         if isinstance(value, Task)
     ]
@@ -663,6 +664,15 @@ def test_no_task_result_is_pickled_by_prefect() -> None:
     for task in found:
         assert task.persist_result is False, task.name
         assert task.cache_policy is NO_CACHE, task.name
+        assert task.result_serializer == "json", task.name
+    from flows.nightly import nightly
+    from flows.retrain import retrain
+    from flows.score import score
+    from flows.train import train
+    from flows.watch import watch
+
+    for flow in (nightly, retrain, score, train, watch):
+        assert flow.persist_result is False and flow.result_serializer == "json", flow.name
 
 
 def test_reports_and_heat_maps_are_written_only_under_the_store_root(

@@ -4,9 +4,10 @@ Starts ``prefect server start`` on a free port (its own ``PREFECT_HOME``), creat
 pool, runs ``prefect deploy --all`` with the project's ``deployments/prefect.yaml``, and drives the
 deployments through the server's REST API the way the UI or ``prefect deployment run`` would: a
 worker runs train -> nightly -> a new landing batch -> watch -> the event-triggered retrain -> the
-promotion gate; then ``padim serve`` takes over the same deployments (it used to leave them routed to
-the pool without code, and every run crashed), a nightly with a store that does not exist fails
-naming it, and ``prefect deploy`` routes them back to the pool.
+promotion gate, and a nightly with a store that does not exist fails naming it; then ``padim serve``
+takes over the same deployments (it used to leave them routed to the pool without code, and every
+run crashed) and ``prefect deploy`` routes them back to the pool. The runs are checked for their
+state, their names (``nightly-DATE``...), the report rows, the versions and the artifacts.
 
 Slow (a server, a worker and a dozen Python processes that import torch): about 5 minutes on an idle
 2-core machine.
@@ -286,6 +287,10 @@ def test_the_pool_route_trains_scores_the_night_and_retrains_from_a_landing_batc
     rows = query_reports(server.store, product=product)
     assert sorted(rows["image_uri"]) == sorted(night) and set(rows["status"]) == {"ok"}
     assert nightly["work_pool_name"] == POOL
+    assert nightly["name"] == f"nightly-{NIGHT}"  # named for the UI, not "cute-bear"
+    assert "nightly-summary" in {a["key"] for a in server.artifacts(nightly)}
+    scored = server.post("/flow_runs/filter", {"flow_runs": {"name": {"any_": [f"score-{product}-{NIGHT}"]}}})
+    assert len(scored) == 1 and scored[0]["state"]["type"] == "COMPLETED"
 
     write_images(str(landing / "batch-1"), 12, seed=3, prefix="new")
     retrains_before = len(server.runs_of("padim-retrain/retrain"))
@@ -298,7 +303,20 @@ def test_the_pool_route_trains_scores_the_night_and_retrains_from_a_landing_batc
     assert retrain["parameters"]["product"] == product
     assert retrain["parameters"]["normal_url"].rstrip("/").endswith("batch-1")
     versions = [info.version for info in store.versions(product)]
-    assert len(versions) == 2 and first in versions  # a new version was published (in use or candidate)
+    assert len(versions) == 2 and first in versions  # a new version was published ...
+    assert "promotion gate" in server.logs(retrain)  # ... and went through the gate (in use or a candidate)
+    assert retrain["name"].startswith(f"retrain-{product}-")
+
+
+def test_a_nightly_on_a_store_that_does_not_exist_fails_naming_it(
+    server: Server, worker: subprocess.Popen[bytes]
+) -> None:
+    missing = str(server.root / "no-such-store")
+    nightly = server.run("padim-nightly/nightly", {"date": NIGHT, "store": missing})
+
+    assert nightly["state"]["type"] == "FAILED"  # not "Completed" with nothing scored
+    logs = server.logs(nightly)
+    assert f"store {missing} does not exist" in logs and "PADIM_STORE" in logs, logs[-3000:]
 
 
 def test_serve_after_deploy_runs_the_deployments_then_deploy_routes_them_back(server: Server) -> None:
