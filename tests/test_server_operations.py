@@ -129,9 +129,19 @@ class Server:
         body = {"deployments": {"id": {"any_": [deployment["id"]]}}, "sort": "EXPECTED_START_TIME_ASC"}
         return self.post("/flow_runs/filter", body)
 
-    def logs(self, flow_run: dict[str, Any]) -> str:
-        body = {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}, "limit": 200}
-        return "\n".join(entry["message"] for entry in self.post("/logs/filter", body))
+    def logs(self, flow_run: dict[str, Any], expect: str = "", timeout: float = 60) -> str:
+        """A flow run's log messages; with ``expect``, waited for until one contains it.
+
+        A run's state can reach the server before its last log lines, which its process sends in
+        batches as it ends.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            body = {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}, "sort": "TIMESTAMP_ASC", "limit": 200}
+            text = "\n".join(entry["message"] for entry in self.post("/logs/filter", body))
+            if expect in text or time.monotonic() > deadline:
+                return text
+            time.sleep(1)
 
     def artifacts(self, flow_run: dict[str, Any]) -> list[dict[str, Any]]:
         return self.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
@@ -304,7 +314,7 @@ def test_the_pool_route_trains_scores_the_night_and_retrains_from_a_landing_batc
     assert retrain["parameters"]["normal_url"].rstrip("/").endswith("batch-1")
     versions = [info.version for info in store.versions(product)]
     assert len(versions) == 2 and first in versions  # a new version was published ...
-    assert "promotion gate" in server.logs(retrain)  # ... and went through the gate (in use or a candidate)
+    assert "promotion gate" in server.logs(retrain, expect="promotion gate")  # ... through the gate
     assert retrain["name"].startswith(f"retrain-{product}-")
 
 
@@ -315,7 +325,7 @@ def test_a_nightly_on_a_store_that_does_not_exist_fails_naming_it(
     nightly = server.run("padim-nightly/nightly", {"date": NIGHT, "store": missing})
 
     assert nightly["state"]["type"] == "FAILED"  # not "Completed" with nothing scored
-    logs = server.logs(nightly)
+    logs = server.logs(nightly, expect="does not exist")
     assert f"store {missing} does not exist" in logs and "PADIM_STORE" in logs, logs[-3000:]
 
 
