@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,26 @@ CHEAP_MODEL: dict[str, Any] = {
     "device": "cpu",
 }
 """Train-flow options of a model that fits in well under a second per shard on a CPU."""
+
+
+@contextmanager
+def flow_run_warnings() -> Iterator[list[str]]:
+    """Collect the warning lines flow runs log (Prefect's ``prefect.flow_runs`` logger)."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                lines.append(record.getMessage())
+
+    handler = Collect()
+    logger = logging.getLogger("prefect.flow_runs")
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+
 
 # ---- images -------------------------------------------------------------------------------------
 

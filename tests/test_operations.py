@@ -7,10 +7,7 @@ The flows run through the Prefect test harness with the cheap random-weights mod
 from __future__ import annotations
 
 import json
-import logging
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,7 @@ from flows.nightly import nightly
 from padim.errors import ConfigError, PadimError
 from padim.products import update_product_settings
 from padim.store import ModelStore
-from tests.flow_helpers import CHEAP_MODEL, local_dir, write_images
+from tests.flow_helpers import CHEAP_MODEL, flow_run_warnings, local_dir, write_images
 
 pytest_plugins = ["tests.prefect_harness"]
 
@@ -38,25 +35,6 @@ def trained_store(prefect_harness: None, tmp_path_factory: pytest.TempPathFactor
     store = ModelStore(str(root / "store"))
     train(product="line", normal_url=normal, store=store.root, **CHEAP_MODEL)
     return store
-
-
-@contextmanager
-def flow_run_warnings() -> Iterator[list[str]]:
-    """Collect the warning lines flow runs log (Prefect's ``prefect.flow_runs`` logger)."""
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.levelno >= logging.WARNING:
-                lines.append(record.getMessage())
-
-    handler = Collect()
-    logger = logging.getLogger("prefect.flow_runs")
-    logger.addHandler(handler)
-    try:
-        yield lines
-    finally:
-        logger.removeHandler(handler)
 
 
 def flow_run_names(*names: str) -> list[str]:

@@ -8,10 +8,8 @@ random-weights model of ``tests/flow_helpers.py``.
 from __future__ import annotations
 
 import json
-import logging
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,16 @@ from padim.fsio import join_url, read_bytes, url_to_fs
 from padim.promotion import decide, grow_pool, pool_url, read_pool
 from padim.settings import GateSettings, RetentionSettings
 from padim.store import CANDIDATES_FILE, ModelStore, write_manifest
-from tests.flow_helpers import CHEAP_MODEL, events_named, local_dir, png_bytes, record_events, texture, write_images
+from tests.flow_helpers import (
+    CHEAP_MODEL,
+    events_named,
+    flow_run_warnings,
+    local_dir,
+    png_bytes,
+    record_events,
+    texture,
+    write_images,
+)
 from tests.s3_server import s3_bucket, s3_endpoint  # noqa: F401
 
 pytest_plugins = ["tests.prefect_harness"]
@@ -267,25 +274,6 @@ def model_card(key: str) -> str:
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC
         )
     return str(artifacts[0].data)
-
-
-@contextmanager
-def flow_run_warnings() -> Iterator[list[str]]:
-    """Collect the warning lines flow runs log (Prefect's ``prefect.flow_runs`` logger)."""
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.levelno >= logging.WARNING:
-                lines.append(record.getMessage())
-
-    handler = Collect()
-    logger = logging.getLogger("prefect.flow_runs")
-    logger.addHandler(handler)
-    try:
-        yield lines
-    finally:
-        logger.removeHandler(handler)
 
 
 def cli(main: Callable[[list[str]], None], *args: str) -> None:
