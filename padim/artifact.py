@@ -2,18 +2,28 @@
 
 A model version is one directory (any fsspec URL) holding:
 
-* ``model.safetensors`` - ``mean (G, d)``, the lower-triangular whitening factor packed row by
-  row as ``factor_packed (G, d (d + 1) / 2)`` (``G = P`` Gaussians, one per position; 1 or
-  ``P + 1`` with shared statistics, see :func:`padim.model.num_gaussians`), the channel reduction
-  (``channel_indices (d,)`` or ``projection (D, d)``) and, for registration, the gray
-  ``reference (S, S)``;
 * ``statistics.safetensors`` - the raw accumulator (``n``, ``mean``, and the lower triangle of the
-  symmetric ``m2`` as ``m2_packed``, all float64), so that
-  new normal images can be added later without re-extracting the old ones (optional);
+  symmetric ``m2`` as ``m2_packed``, all float64), so that new normal images can be added later
+  without re-extracting the old ones. It also determines the scoring Gaussians exactly:
+  :func:`load_model` finalises it with :func:`padim.model.finalize_gaussians`, the function the
+  fit uses, so the loaded model's means and factors are bit for bit the fitted model's (on the
+  same kind of device);
+* ``model.safetensors`` - the channel reduction (``channel_indices (d,)`` or ``projection (D, d)``)
+  and, for registration, the gray ``reference (S, S)``. Only when the statistics are not stored
+  (or do not reproduce the model's factor, e.g. a factor converted after the fit) does it also
+  hold ``mean (G, d)`` and the lower-triangular whitening factor packed row by row as
+  ``factor_packed (G, d (d + 1) / 2)`` (``G = P`` Gaussians, one per position; 1 or ``P + 1``
+  with shared statistics, see :func:`padim.model.num_gaussians`). The manifest's
+  ``factor_storage`` says which: ``"statistics"`` (derived) or ``"packed"`` (stored);
 * ``training_images.json`` - ``{"fit": [[uri, sha256], ...], "calibration": [...]}``: the images
   in the statistics and the held-out images the thresholds were calibrated on;
 * ``manifest.json`` - configuration, backbone and weights identity, taps, normalisation,
   thresholds, provenance, library version and the sha256 and size of every other file.
+
+At the defaults (d = 176, 3136 positions) a version is 395.2 MB instead of the 592.8 MB of
+``padim.model/1``, which stored the float32 mean and factor next to the statistics
+(BENCHMARKS.md, "Bytes per model version"). Versions in that older form still load (their
+stored factor is read).
 
 Nothing is pickled: safetensors and JSON cannot run code when read. :func:`load_model` verifies
 every checksum before parsing a tensor and refuses artifacts the running code cannot serve.
@@ -41,11 +51,28 @@ from padim.backbones import get_spec
 from padim.config import PadimConfig
 from padim.embedding import EmbeddingProjector
 from padim.errors import IncompatibleModelError, ModelIntegrityError, ModelNotFoundError, PadimError
-from padim.model import PadimModel, Thresholds, TrainingInfo, grid_size, num_gaussians, resolve_channels
-from padim.statistics import GaussianAccumulator, pack_lower, unpack_lower
+from padim.mahalanobis import whitening_from_accumulator
+from padim.model import (
+    PadimModel,
+    Thresholds,
+    TrainingInfo,
+    finalize_gaussians,
+    grid_size,
+    num_gaussians,
+    resolve_channels,
+)
+from padim.statistics import GaussianAccumulator, pack_lower, pool_positions, unpack_lower
 from padim.store import check_manifest_weights
 
-MODEL_FORMAT = "padim.model/1"
+MODEL_FORMAT = "padim.model/2"
+LEGACY_FORMATS = ("padim.model/1",)
+"""Older formats this code still reads (``/1`` always stores the factor)."""
+FACTOR_FROM_STATISTICS = "statistics"
+"""``factor_storage`` of a version whose means and factors are derived from its statistics."""
+FACTOR_PACKED = "packed"
+"""``factor_storage`` of a version that stores ``mean`` and ``factor_packed`` in ``model.safetensors``."""
+CHECK_POSITIONS = 64
+"""Positions whose factor :func:`save_model` re-derives to check that the statistics reproduce it."""
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
 STATISTICS_FILE = "statistics.safetensors"
@@ -79,11 +106,11 @@ def _sha256_stream(handle: Any) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _model_tensors(model: PadimModel) -> dict[str, torch.Tensor]:
-    tensors = {
-        "mean": model.mean.detach().float().cpu().contiguous(),
-        "factor_packed": pack_lower(model.factor.detach().cpu()),
-    }
+def _model_tensors(model: PadimModel, with_factor: bool) -> dict[str, torch.Tensor]:
+    tensors = {}
+    if with_factor:
+        tensors["mean"] = model.mean.detach().float().cpu().contiguous()
+        tensors["factor_packed"] = pack_lower(model.factor.detach().cpu())
     if model.projector.indices is not None:
         tensors["channel_indices"] = model.projector.indices.cpu().contiguous()
     if model.projector.projection is not None:
@@ -93,12 +120,74 @@ def _model_tensors(model: PadimModel) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def build_manifest(model: PadimModel, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def statistics_reproduce_factor(model: PadimModel) -> bool:
+    """Whether finalising ``model.accumulator`` gives back the model's means and factors.
+
+    True for every float32 or float64 model :func:`padim.model.build_model` returns with its
+    statistics; false when the accumulator changed after the fit or the factor was converted
+    afterwards (:meth:`PadimModel.to_device` with a ``factor_dtype``). Checks every mean and the
+    factors of the first :data:`CHECK_POSITIONS` positions (and the shared Gaussian), computed as
+    :func:`padim.model.finalize_gaussians` computes them: a small fraction of a fit (with
+    ``covariance="oas"``, which reads whole co-moment matrices, every factor: one more
+    finalisation). Half-precision
+    factors are always stored: one rounded from float32 after the fit differs from one rounded
+    straight from float64 in rare elements that a sample would miss.
+
+    Args:
+        model: A fitted model with its statistics.
+
+    Returns:
+        True when the statistics can stand in for the stored factor.
+    """
+    accumulator, config = model.accumulator, model.config
+    if accumulator is None or accumulator.n < 2:
+        return False
+    positions = accumulator.num_positions
+    if tuple(model.mean.shape) != (num_gaussians(config, model.grid), accumulator.dim):
+        return False
+    device, dtype = accumulator.device, model.factor.dtype
+    if dtype not in (torch.float32, torch.float64):
+        return False
+    mean, factor = model.mean.detach().to(device), model.factor.detach()
+    try:
+        if config.covariance != "fixed":
+            # OAS reads the whole co-moment matrix, and the stored one is the lower triangle
+            # mirrored (the in-memory update rounds the upper one independently): check it all,
+            # on the statistics as they will be read back (one more finalisation).
+            stored = GaussianAccumulator.from_state_dict(accumulator.state_dict(packed=True), device=device)
+            derived_mean, derived_factor = finalize_gaussians(stored, config, dtype)
+            return torch.equal(mean, derived_mean) and torch.equal(factor.to(device), derived_factor)
+        # Cholesky reads only the lower triangles, which the stored statistics keep bit for bit.
+        if config.statistics in ("position", "both"):
+            k = min(CHECK_POSITIONS, positions)
+            head = GaussianAccumulator.from_state_dict(
+                {"n": torch.tensor([accumulator.n]), "mean": accumulator.mean[:k], "m2": accumulator.m2[:k]},
+                device=device,
+            )
+            expected = whitening_from_accumulator(head, config.eps, config.covariance, dtype=dtype)
+            if not torch.equal(mean[:positions], accumulator.mean.float()):
+                return False
+            if not torch.equal(factor[:k].to(device), expected):
+                return False
+        if config.statistics in ("shared", "both"):
+            pooled = pool_positions(accumulator)
+            expected = whitening_from_accumulator(pooled, config.eps, config.covariance, dtype=dtype)
+            if not torch.equal(mean[-1:], pooled.mean.float()) or not torch.equal(factor[-1:].to(device), expected):
+                return False
+    except (PadimError, ValueError, RuntimeError):
+        return False
+    return True
+
+
+def build_manifest(
+    model: PadimModel, files: dict[str, dict[str, Any]], factor_storage: str = FACTOR_PACKED
+) -> dict[str, Any]:
     """The manifest of a model version.
 
     Args:
         model: The fitted model.
         files: ``{name: {"sha256": hex, "size": bytes}}`` of every tensor/data file.
+        factor_storage: :data:`FACTOR_FROM_STATISTICS` or :data:`FACTOR_PACKED`.
 
     Returns:
         A JSON-serialisable dictionary.
@@ -127,6 +216,8 @@ def build_manifest(model: PadimModel, files: dict[str, dict[str, Any]]) -> dict[
         "covariance": config.covariance,
         "factor": "cholesky-inverse",
         "factor_dtype": str(model.factor.dtype).removeprefix("torch."),
+        "factor_storage": factor_storage,
+        "statistics_device": model.accumulator.device.type if factor_storage == FACTOR_FROM_STATISTICS else None,
         "n_train": model.training.n_train,
         "training_set_sha256": model.training.training_set_sha256,
         "thresholds": asdict(model.thresholds) if model.thresholds is not None else None,
@@ -140,19 +231,25 @@ def save_model(model: PadimModel, url: str, keep_statistics: bool = True) -> dic
 
     Tensor files are written first, their checksums computed from what was written, and the
     manifest last. Publication atomicity (``latest`` pointer, staging) is the model store's job.
+    With the statistics, the means and factors are not written: :func:`load_model` derives them
+    (unless the statistics do not reproduce them, :func:`statistics_reproduce_factor`).
 
     Args:
         model: The fitted model.
         url: Target directory; created if needed.
-        keep_statistics: Also write the float64 accumulator (needed for incremental refits).
+        keep_statistics: Also write the float64 accumulator (needed for incremental refits);
+            without it the factor is stored.
 
     Returns:
         The manifest written.
     """
     fs, root = fsspec.core.url_to_fs(url)
     fs.makedirs(root, exist_ok=True)
-    payload: dict[str, dict[str, torch.Tensor] | bytes] = {MODEL_FILE: _model_tensors(model)}
-    if keep_statistics and model.accumulator is not None:
+    statistics = keep_statistics and model.accumulator is not None
+    derived = statistics and statistics_reproduce_factor(model)
+    factor_storage = FACTOR_FROM_STATISTICS if derived else FACTOR_PACKED
+    payload: dict[str, dict[str, torch.Tensor] | bytes] = {MODEL_FILE: _model_tensors(model, with_factor=not derived)}
+    if statistics and model.accumulator is not None:
         payload[STATISTICS_FILE] = {k: v.cpu() for k, v in model.accumulator.state_dict(packed=True).items()}
     images = {
         "fit": [list(pair) for pair in model.training.training_images],
@@ -171,7 +268,7 @@ def save_model(model: PadimModel, url: str, keep_statistics: bool = True) -> dic
                 digest, size = _sha256_stream(handle)
             files[name] = {"sha256": digest, "size": size}
             fs.put_file(str(local), f"{root}/{name}")
-    manifest = build_manifest(model, files)
+    manifest = build_manifest(model, files, factor_storage)
     with fs.open(f"{root}/{MANIFEST}", "wb") as handle:
         handle.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
     return manifest
@@ -216,11 +313,13 @@ def check_servable(manifest: dict[str, Any]) -> PadimConfig:
     Raises:
         IncompatibleModelError: For another format, an unknown backbone or configuration field.
     """
-    if manifest.get("format") != MODEL_FORMAT:
+    if manifest.get("format") not in (MODEL_FORMAT, *LEGACY_FORMATS):
         raise IncompatibleModelError(
             f"model format {manifest.get('format')!r} cannot be served by padim {padim.__version__} "
-            f"(expects {MODEL_FORMAT})"
+            f"(reads {', '.join((MODEL_FORMAT, *LEGACY_FORMATS))})"
         )
+    if manifest.get("factor_storage", FACTOR_PACKED) not in (FACTOR_PACKED, FACTOR_FROM_STATISTICS):
+        raise IncompatibleModelError(f"model factor storage {manifest.get('factor_storage')!r} is unknown to this code")
     try:
         config = PadimConfig.model_validate(manifest.get("config", {}))
         spec = get_spec(config.backbone)
@@ -260,6 +359,15 @@ def _load_tensors(path: str) -> dict[str, torch.Tensor]:
     return load_file(path)
 
 
+def _factor_dtype(manifest: dict[str, Any]) -> torch.dtype:
+    """The factor's dtype recorded in a manifest (float32 when absent)."""
+    name = manifest.get("factor_dtype") or "float32"
+    dtype = getattr(torch, str(name), None) if str(name).isidentifier() else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise IncompatibleModelError(f"model factor dtype {name!r} is unknown to this code")
+    return dtype
+
+
 def load_model(url: str, device: str | torch.device = "cpu", with_statistics: bool = False) -> PadimModel:
     """Load and verify a model version.
 
@@ -270,7 +378,10 @@ def load_model(url: str, device: str | torch.device = "cpu", with_statistics: bo
 
     Returns:
         The model. Its backbone is loaded lazily on first prediction, and its weights must
-        match the recorded ``weights_sha256``.
+        match the recorded ``weights_sha256``. A version whose ``factor_storage`` is
+        ``"statistics"`` gets its means and factors from :func:`padim.model.finalize_gaussians`
+        of its verified statistics, on ``device`` (bit for bit those of the fit when that ran on
+        the same kind of device); its statistics are then read even without ``with_statistics``.
 
     Raises:
         ModelNotFoundError: If there is no model at ``url``.
@@ -285,37 +396,39 @@ def load_model(url: str, device: str | torch.device = "cpu", with_statistics: bo
     files = manifest.get("files") or {}
     if MODEL_FILE not in files:
         raise ModelIntegrityError(f"model manifest at {url} lists no {MODEL_FILE}")
-    fs, root = fsspec.core.url_to_fs(url)
-    with tempfile.TemporaryDirectory(prefix="padim-load-") as scratch:
-        tensors = _load_tensors(_fetch_verified(fs, root, MODEL_FILE, files[MODEL_FILE], scratch))
-        accumulator = None
-        if with_statistics:
-            if STATISTICS_FILE not in files:
-                raise IncompatibleModelError(f"model at {url} was saved without its statistics; refit from scratch")
-            state = _load_tensors(_fetch_verified(fs, root, STATISTICS_FILE, files[STATISTICS_FILE], scratch))
-            accumulator = GaussianAccumulator.from_state_dict(state, device=device)
-    images = read_training_images(url)
+    derived = manifest.get("format") == MODEL_FORMAT and manifest.get("factor_storage") == FACTOR_FROM_STATISTICS
+    if derived and STATISTICS_FILE not in files:
+        raise ModelIntegrityError(f"model manifest at {url} lists no {STATISTICS_FILE}, which holds its Gaussians")
     spec = get_spec(config.backbone)
     d = resolve_channels(config, spec)
     h, w = grid_size(config, spec)
-    mean, factor = tensors.get("mean"), tensors.get("factor")
-    if factor is None and "factor_packed" in tensors:
-        try:
-            factor = unpack_lower(tensors["factor_packed"], d)
-        except PadimError as exc:
-            raise IncompatibleModelError(f"model tensors do not match its configuration: {exc}") from exc
     g = num_gaussians(config, (h, w))
-    if mean is None or factor is None or mean.shape != (g, d) or factor.shape != (g, d, d):
-        raise IncompatibleModelError(f"model tensors do not match its configuration (expected mean ({g}, {d}))")
+    fs, root = fsspec.core.url_to_fs(url)
+    with tempfile.TemporaryDirectory(prefix="padim-load-") as scratch:
+        # Every file is verified before any of them is parsed.
+        model_path = _fetch_verified(fs, root, MODEL_FILE, files[MODEL_FILE], scratch)
+        statistics_path = None
+        if with_statistics or derived:
+            if STATISTICS_FILE not in files:
+                raise IncompatibleModelError(f"model at {url} was saved without its statistics; refit from scratch")
+            statistics_path = _fetch_verified(fs, root, STATISTICS_FILE, files[STATISTICS_FILE], scratch)
+        tensors = _load_tensors(model_path)
+        accumulator = None
+        if statistics_path is not None:
+            try:
+                accumulator = GaussianAccumulator.from_state_dict(_load_tensors(statistics_path), device=device)
+            except PadimError as exc:
+                raise IncompatibleModelError(f"model statistics cannot be read by this code: {exc}") from exc
+    if accumulator is not None and (accumulator.num_positions, accumulator.dim) != (h * w, d):
+        raise IncompatibleModelError(
+            f"model tensors do not match its configuration: its statistics have P={accumulator.num_positions}, "
+            f"d={accumulator.dim}; its configuration needs P={h * w}, d={d}"
+        )
+    images = read_training_images(url)
     reference = tensors.get("reference")
     side = config.input_size
     if config.registration != "none" and (reference is None or tuple(reference.shape) != (side, side)):
         raise IncompatibleModelError(f"model with registration lacks its ({side}, {side}) reference image")
-    if accumulator is not None and (accumulator.num_positions, accumulator.dim) != (h * w, d):
-        raise IncompatibleModelError(
-            f"model statistics have P={accumulator.num_positions}, d={accumulator.dim}; "
-            f"its configuration needs P={h * w}, d={d}"
-        )
     try:
         projector = EmbeddingProjector(
             spec.channels, indices=tensors.get("channel_indices"), projection=tensors.get("projection")
@@ -328,6 +441,23 @@ def load_model(url: str, device: str | torch.device = "cpu", with_statistics: bo
         thresholds = Thresholds(**manifest["thresholds"]) if manifest.get("thresholds") else None
     except TypeError as exc:
         raise IncompatibleModelError(f"model thresholds cannot be read by this code: {exc}") from exc
+    if derived and accumulator is not None:
+        factor_dtype = _factor_dtype(manifest)
+        try:  # the function the fit finalises its statistics with: the same bits
+            mean, factor = finalize_gaussians(accumulator, config, factor_dtype)
+        except (PadimError, ValueError) as exc:
+            raise IncompatibleModelError(f"model statistics do not give its Gaussians: {exc}") from exc
+    else:
+        mean, factor = tensors.get("mean"), tensors.get("factor")
+        if factor is None and "factor_packed" in tensors:
+            try:
+                factor = unpack_lower(tensors["factor_packed"], d)
+            except PadimError as exc:
+                raise IncompatibleModelError(f"model tensors do not match its configuration: {exc}") from exc
+    if mean is None or factor is None or mean.shape != (g, d) or factor.shape != (g, d, d):
+        raise IncompatibleModelError(f"model tensors do not match its configuration (expected mean ({g}, {d}))")
+    if not with_statistics:
+        accumulator = None
     training = TrainingInfo(
         n_train=int(manifest.get("n_train", 0)),
         training_set_sha256=str(manifest.get("training_set_sha256", "")),

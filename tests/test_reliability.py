@@ -289,7 +289,7 @@ def _both(*changes: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any
 
 
 UNSERVABLE: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
-    "format of a newer release": (_set("format", "padim.model/2"), "model format"),
+    "format of a newer release": (_set("format", "padim.model/99"), "model format"),
     "another backbone": (_both(_set("backbone", "vgg16"), _set("config.backbone", "vgg16")), "vgg16"),
     "other feature taps": (_set("taps", ["layer2", "layer3", "layer4"]), "taps"),
     "other image size": (_both(_set("config.image_size", 128), _set("config.crop_size", 112)), "do not match"),

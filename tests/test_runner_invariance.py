@@ -40,9 +40,9 @@ What was learned by experiment (Prefect 3.9, prefect-dask 0.3, distributed 2026.
 * **A fresh worker's first task blocks its event loop for 15-20 s**: unpickling it imports
   Prefect, torch and ``padim`` (distributed logs "Event loop was unresponsive"); each worker
   then loads the scoring model from the store once (a per-process LRU).
-* **Time.** With every channel (d = 176) a version holds 0.6 GB (``statistics.safetensors``
-  395 MB float64, ``model.safetensors`` 198 MB) and each fit shard writes a partial of the
-  statistics' size, all through moto's single in-process server: the test took 4.5-7 minutes on
+* **Time.** With every channel (d = 176) a version holds 0.4 GB (``statistics.safetensors``,
+  395 MB float64; the scoring factor is rebuilt from it on load) and each fit shard writes a
+  partial of the statistics' size, all through moto's single in-process server: the test took 4.5-7 minutes on
   the shared 2-core machine (train with threads 74-90 s against 33 s on a local store), which is
   why it keeps 40 channels.
 """
