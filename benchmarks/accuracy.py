@@ -1,6 +1,6 @@
 """Detection accuracy of PaDiM variants on the real data sets, against anomalib's figures.
 
-Runs :func:`padim.evaluation.run_evaluation` on ``mvtec_bottle`` and ``magnetic_tile`` (MVTec
+Runs :func:`padim.evaluation.run.run_evaluation` on ``mvtec_bottle`` and ``magnetic_tile`` (MVTec
 layout, ``../shared/datasets``) for predefined configurations, prints one JSON line per
 (data set, variant) and refreshes the generated section of ``BENCHMARKS.md``
 (between the ``accuracy:begin`` / ``accuracy:end`` markers; the rest of the file is kept).
@@ -158,7 +158,7 @@ def variant_overrides(name: str) -> dict[str, Any]:
 
 def variant_config(name: str) -> Any:
     """The :class:`PadimConfig` of a variant (see :func:`variant_overrides`)."""
-    from padim.config import PadimConfig
+    from padim.core.config import PadimConfig
 
     return PadimConfig(**variant_overrides(name))
 
@@ -176,7 +176,7 @@ def calibration_study(run: Any) -> dict[str, float]:
     """Label-free thresholds from the hold-out, applied to the test set with and without merging.
 
     Args:
-        run: An :class:`~padim.evaluation.EvaluationRun` made with ``compare_unmerged=True``.
+        run: An :class:`~padim.evaluation.run.EvaluationRun` made with ``compare_unmerged=True``.
 
     Returns:
         Flat ``cal_*`` figures: for each image target, the FPR on the good test images and the
@@ -184,8 +184,8 @@ def calibration_study(run: Any) -> dict[str, float]:
         pixel target, the FPR on the good test images' pixels for both models and the pixel
         precision, recall and F1 over all test pixels (final model).
     """
-    from padim.calibration import threshold_at_fpr
-    from padim.metrics import rates_at_threshold
+    from padim.core.calibration import threshold_at_fpr
+    from padim.evaluation.metrics import rates_at_threshold
 
     labels = run.labels
     study: dict[str, float] = {"cal_n_holdout": float(run.holdout_scores.size), "cal_n_good": float((~labels).sum())}
@@ -227,7 +227,8 @@ def run_worker(
     """
     import torch
 
-    from padim.evaluation import run_evaluation, summarize
+    from padim.evaluation.results import summarize
+    from padim.evaluation.run import run_evaluation
     from padim.settings import TrainSettings
 
     name, perturbation = parse_dataset(label) if label else (dataset_dir.name, None)
@@ -255,7 +256,7 @@ def run_worker(
 def seed_study(dataset_dir: Path, seeds: list[int], batch_size: int) -> list[dict[str, Any]]:
     """How much the paper protocol depends on *which* 100 random channels are drawn.
 
-    Each seed's configuration is evaluated through :func:`padim.evaluation.run_evaluation` (the
+    Each seed's configuration is evaluated through :func:`padim.evaluation.run.run_evaluation` (the
     engine every job runs) on all of ``train/good`` (the paper protocol, no hold-out).
 
     Args:
@@ -266,7 +267,8 @@ def seed_study(dataset_dir: Path, seeds: list[int], batch_size: int) -> list[dic
     Returns:
         One row per seed: ``seed``, ``image_auroc``, ``pixel_auroc``, ``aupro``.
     """
-    from padim.evaluation import run_evaluation, summarize
+    from padim.evaluation.results import summarize
+    from padim.evaluation.run import run_evaluation
     from padim.settings import TrainSettings
 
     settings = TrainSettings(holdout_fraction=0.0, batch_size=batch_size)
@@ -457,7 +459,7 @@ def _calibration_tables(rows: list[dict[str, Any]]) -> list[str]:
         "",
         f"Hold-out: {defaults.holdout_fraction:.0%} of `train/good` (at least {defaults.min_holdout}), "
         "scored by the model of the "
-        "remaining images; threshold = the order statistic of `padim.calibration.threshold_at_fpr`. "
+        "remaining images; threshold = the order statistic of `padim.core.calibration.threshold_at_fpr`. "
         "*merged*: the final model (hold-out merged into the statistics) scores the test set; "
         "*unmerged*: the fit-set-only model does. Image FPR on `test/good`, recall on the defective images.",
         "",
@@ -748,7 +750,7 @@ def unsupported_reason(variant: str) -> str | None:
     """
     from pydantic import ValidationError
 
-    from padim.config import PadimConfig
+    from padim.core.config import PadimConfig
 
     overrides = variant_overrides(variant)
     unknown = sorted(set(overrides) - set(PadimConfig.model_fields))

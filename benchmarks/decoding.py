@@ -31,9 +31,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from padim.config import PadimConfig
-from padim.images import decode_image
-from padim.preprocessing import Preprocessor
+from padim.core.config import PadimConfig
+from padim.core.preprocessing import Preprocessor
+from padim.io.decoding import decode_image
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 

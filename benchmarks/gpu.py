@@ -40,11 +40,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from padim.anomaly_map import image_scores
-from padim.config import PadimConfig
-from padim.engine import fit_images, score_images
-from padim.images import iter_batches, list_images
-from padim.model import PadimFitter, build_model
+from padim.core.anomaly_map import image_scores
+from padim.core.config import PadimConfig
+from padim.core.fitter import PadimFitter, build_model
+from padim.io.listing import list_images
+from padim.io.loading import iter_batches
+from padim.jobs.engine import fit_images, score_images
 
 CASES = (
     ("resnet18", 100, "random", 256),

@@ -6,7 +6,7 @@ Both forms cost one ``(P, d, d) @ (P, d, B)`` product per batch:
 * inverse (anomalib): ``S^{-1}``; distance ``= sqrt((x - mu)^T S^{-1} (x - mu))``.
 
 ``W`` is lower triangular, so it can also be applied in row blocks that skip its zero upper
-triangle (:class:`padim.mahalanobis.TriangleBlocks`, what scoring uses on a CPU): two thirds of
+triangle (:class:`padim.core.mahalanobis.TriangleBlocks`, what scoring uses on a CPU): two thirds of
 the arithmetic at d = 100. All three are timed on the whole ``(B, d, P)`` batch.
 
 This script times both on the same random statistics and batches, times the finalisation of each
@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from padim.mahalanobis import mahalanobis_distances, triangle_blocks, whitening_factor
+from padim.core.mahalanobis import mahalanobis_distances, triangle_blocks, whitening_factor
 
 
 def best_of(step: Callable[[], object], repeats: int) -> float:

@@ -23,11 +23,11 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ma
 
 def fit_once(data: str, size: int, backbone: str, weights: str | None, channels: int, batch: int) -> dict[str, float]:
     """Fit on ``size`` images in this process and report its peak RSS."""
-    from padim.backbones import get_backbone
-    from padim.config import PadimConfig
-    from padim.engine import fit_images
-    from padim.images import list_images
-    from padim.model import build_model
+    from padim.core.backbones import get_backbone
+    from padim.core.config import PadimConfig
+    from padim.core.fitter import build_model
+    from padim.io.listing import list_images
+    from padim.jobs.engine import fit_images
 
     uris = list_images(data)
     uris = (uris * (size // len(uris) + 1))[:size]

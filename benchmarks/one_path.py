@@ -1,6 +1,6 @@
 """``padim evaluate`` against the train and score flows on one data set, in one process.
 
-Runs :func:`padim.evaluation.run_evaluation` with every default (what ``padim evaluate DATASET``
+Runs :func:`padim.evaluation.run.run_evaluation` with every default (what ``padim evaluate DATASET``
 runs), then the train flow on ``DATASET/train/good`` and the score flow on ``DATASET/test`` (what
 ``padim train`` / ``padim score`` run, heat maps off), in a fresh store. Prints one JSON line: the
 wall time and images/s of each, the largest relative difference between evaluate's test scores and
@@ -32,11 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dataset", type=Path, help="data set in MVTec layout")
     args = parser.parse_args(argv)
 
+    from padim_prefect.flows.score import score
+    from padim_prefect.flows.train import train
     from prefect import flow
 
-    from flows.score import score
-    from flows.train import train
-    from padim.evaluation import run_evaluation, summarize
+    from padim.evaluation.results import summarize
+    from padim.evaluation.run import run_evaluation
     from padim.reports import query_reports
 
     @flow(name="warm-up")

@@ -14,11 +14,11 @@ ratios within a run do not):
   chosen runtime (``--runtime``, default ``auto``: what ships), as ratios to the floor;
 * ``stages``: seconds per image of each stage of those passes (network, channel selection,
   statistics, distances, anomaly map, summaries);
-* ``fit_e2e`` / ``score_e2e``: images/s of :func:`padim.engine.fit_images` /
-  :func:`padim.engine.score_images` from files (background decoding overlapping compute), as
+* ``fit_e2e`` / ``score_e2e``: images/s of :func:`padim.jobs.engine.fit_images` /
+  :func:`padim.jobs.engine.score_images` from files (background decoding overlapping compute), as
   ratios to the floor and to ``1 / (1/floor + 1/decode)`` (decoding and the CNN share the cores);
 * with ``--evaluate DATASET``: ``padim evaluate``'s own fit and score images/s
-  (:func:`padim.evaluation.run_evaluation` with every default: fit includes calibration and both
+  (:func:`padim.evaluation.run.run_evaluation` with every default: fit includes calibration and both
   finalisations) against the same floor.
 
 The timed passes alternate ``--repeats`` times and the best of each is kept: the machines are
@@ -42,11 +42,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from padim.backbones import get_backbone, openvino_available
-from padim.config import PadimConfig
-from padim.engine import fit_images, score_images, summarise_batch
-from padim.images import iter_batches, list_images
-from padim.model import PadimFitter, build_model
+from padim.core.backbones import get_backbone, openvino_available
+from padim.core.config import PadimConfig
+from padim.core.fitter import PadimFitter, build_model
+from padim.io.listing import list_images
+from padim.io.loading import iter_batches
+from padim.jobs.engine import fit_images, score_images, summarise_batch
 from padim.settings import CPU_BATCH_SIZE
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile" / "train" / "good"
@@ -82,8 +83,8 @@ def best_of(repeats: int, measure: Any) -> float:
 
 def network_floor(backbone: Any, batches: list[torch.Tensor], repeats: int) -> float:
     """Images/s of a backbone alone, run in the extractor's micro-batches (channels-last input)."""
-    from padim.features import FeatureExtractor
-    from padim.model import new_projector
+    from padim.core.features import FeatureExtractor
+    from padim.core.geometry import new_projector
 
     extractor = FeatureExtractor(backbone, new_projector(PadimConfig(backbone=backbone.spec.name)))
 
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         "stage_ms_per_image": {k: 1000 * v for k, v in stages.items()},
     }
     if args.evaluate:
-        from padim.evaluation import run_evaluation, summarize
+        from padim.evaluation.results import summarize
+        from padim.evaluation.run import run_evaluation
         from padim.settings import TrainSettings
 
         result = summarize(run_evaluation(args.evaluate, PadimConfig(), TrainSettings(**execution)))
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _records(n: int) -> list[Any]:
     """Placeholder image records for the summaries (sizes only)."""
-    from padim.images import ImageRecord
+    from padim.io.loading import ImageRecord
 
     return [ImageRecord(uri=f"bench-{i}", sha256="0" * 64, width=224, height=224) for i in range(n)]
 

@@ -1,7 +1,7 @@
 """Bytes of one model version and the time to load it: ``padim.model/2`` against ``padim.model/1``.
 
 ``padim.model/2`` stores the float64 statistics and derives the scoring means and whitening
-factors from them at load (:func:`padim.model.finalize_gaussians`, as the fit does);
+factors from them at load (:func:`padim.core.fitter.finalize_gaussians`, as the fit does);
 ``padim.model/1`` also stored the float32 mean and packed factor. The sizes do not depend on
 the values, so synthetic statistics of the right shape stand in for a fit (no data set, no
 backbone weights): at the defaults, EfficientNet-Lite0 with every d = 176 channels at
@@ -30,11 +30,13 @@ import torch
 
 def synthetic_model(backbone: str, channels: int | None, n: int, seed: int):
     """A model finalised from random positive-definite statistics of the configuration's shape,
-    and the seconds its finalisation (:func:`padim.model.build_model`, as in a fit) took."""
-    from padim.backbones import get_spec
-    from padim.config import PadimConfig
-    from padim.model import TrainingInfo, build_model, grid_size, resolve_channels
-    from padim.statistics import GaussianAccumulator
+    and the seconds its finalisation (:func:`padim.core.fitter.build_model`, as in a fit) took."""
+    from padim.core.backbones import get_spec
+    from padim.core.config import PadimConfig
+    from padim.core.fitter import build_model
+    from padim.core.geometry import grid_size, resolve_channels
+    from padim.core.model import TrainingInfo
+    from padim.core.statistics import GaussianAccumulator
 
     config = PadimConfig(backbone=backbone, channels=channels)
     spec = get_spec(backbone)
@@ -61,8 +63,8 @@ def write_v1(model, directory: Path) -> None:
 
     from safetensors.torch import load_file, save_file
 
-    from padim.artifact import MANIFEST, MODEL_FILE, save_model
-    from padim.statistics import pack_lower
+    from padim.core.statistics import pack_lower
+    from padim.io.artifact import MANIFEST, MODEL_FILE, save_model
 
     save_model(model, str(directory))
     path = directory / MODEL_FILE
@@ -98,7 +100,7 @@ def peak_rss_mb() -> float:
 
 def load_once(url: str, with_statistics: bool) -> dict[str, float]:
     """Load a version in this process; its seconds and this process's peak RSS."""
-    from padim.artifact import load_model
+    from padim.io.artifact import load_model
 
     start = time.perf_counter()
     model = load_model(url, with_statistics=with_statistics)
@@ -126,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from padim import __version__
-    from padim.artifact import MODEL_FORMAT, save_model
-    from padim.model import num_gaussians
+    from padim.core.geometry import num_gaussians
+    from padim.io.artifact import MODEL_FORMAT, save_model
 
     model, finalise_s = synthetic_model(args.backbone, args.channels, args.n, seed=0)
     g, d = model.mean.shape

@@ -18,6 +18,8 @@ from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.schedules import Cron, Interval, Schedule
 
 PREFECT_YAML = Path(__file__).with_name("prefect.yaml")
+NAMESPACE = "padim_prefect"
+"""The package the orchestration folders (``flows/``, ``tasks/``, ``deployments/``) are installed under."""
 
 
 def load_definitions(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
@@ -36,14 +38,17 @@ def load_definitions(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
 def load_entrypoint(entrypoint: str) -> Any:
     """Import the flow an entrypoint (``flows/train.py:train``) names.
 
+    The orchestration folders are installed under the ``padim_prefect`` namespace, so
+    ``flows/train.py`` is the module ``padim_prefect.flows.train``.
+
     Args:
-        entrypoint: ``path/to/module.py:function``.
+        entrypoint: ``path/to/module.py:function``, relative to the project folder.
 
     Returns:
         The flow object.
     """
     path, _, name = entrypoint.partition(":")
-    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    module = importlib.import_module(f"{NAMESPACE}.{path.removesuffix('.py').replace('/', '.')}")
     return getattr(module, name)
 
 

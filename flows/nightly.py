@@ -13,19 +13,20 @@ import os
 from datetime import date, timedelta
 from typing import Any
 
+from padim_prefect.flows.naming import nightly_run_name
+from padim_prefect.flows.params import check_product, open_store, parse_day, resolve_url
+from padim_prefect.flows.score import score
+from padim_prefect.flows.train import artifact_key
+from padim_prefect.tasks.events import publish_artifacts_task
+from padim_prefect.tasks.policy import RESULT_OPTIONS
+from padim_prefect.tasks.storage import list_images_task
 from prefect import flow, get_run_logger
 
-from flows.naming import nightly_run_name
-from flows.params import check_product, open_store, parse_day, resolve_url
-from flows.score import score
-from flows.train import artifact_key
 from padim.errors import ConfigError, PadimError
-from padim.products import ProductSettings, configured_products, read_product_settings
+from padim.io.store import ModelStore
+from padim.io.store_layout import STORE_ENV_VAR
+from padim.jobs.products import ProductSettings, configured_products, read_product_settings
 from padim.settings import Precision, Runtime, ScoreSettings, default_of
-from padim.store import STORE_ENV_VAR, ModelStore
-from tasks.events import publish_artifacts_task
-from tasks.policy import RESULT_OPTIONS
-from tasks.storage import list_images_task
 
 
 def store_origin(given: str | None) -> str:

@@ -7,11 +7,12 @@ from datetime import date, datetime, timezone
 
 from fsspec import AbstractFileSystem
 
-from padim.config import PadimConfig
+from padim.core.config import PadimConfig
 from padim.errors import ConfigError
-from padim.fsio import url_to_fs
+from padim.io.fsio import url_to_fs
+from padim.io.store import ModelStore
+from padim.io.store_layout import default_store_url, validate_product
 from padim.settings import default_of
-from padim.store import ModelStore, default_store_url, validate_product
 
 
 def resolve_url(url: str, what: str) -> tuple[AbstractFileSystem, str]:

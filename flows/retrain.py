@@ -1,7 +1,7 @@
 """The retrain flow: add newly arrived normal images to a product's model, or refit it from scratch.
 
 The new version is published as a candidate and becomes the one in use only when it passes the
-promotion gate (:mod:`padim.promotion`); otherwise it stays a candidate, the run logs why and
+promotion gate (:mod:`padim.jobs.promotion`); otherwise it stays a candidate, the run logs why and
 emits ``padim.model.rejected``, and ``padim models promote`` lets a person decide.
 """
 
@@ -9,23 +9,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from padim_prefect.flows.naming import retrain_run_name
+from padim_prefect.flows.params import check_folder, check_outside_store, check_product, open_store
+from padim_prefect.flows.runners import task_runner_from_env
+from padim_prefect.flows.train import artifact_key, failure_summary, fit_and_publish, summarise_version
+from padim_prefect.tasks.events import MODEL_PUBLISHED, MODEL_REJECTED, emit_event_task, publish_artifacts_task
+from padim_prefect.tasks.policy import RESULT_OPTIONS
+from padim_prefect.tasks.promotion import gate_task, grow_pool_task, prune_task
+from padim_prefect.tasks.storage import list_images_task
 from prefect import flow, get_run_logger
 
-from flows.naming import retrain_run_name
-from flows.params import check_folder, check_outside_store, check_product, open_store
-from flows.runners import task_runner_from_env
-from flows.train import artifact_key, failure_summary, fit_and_publish, summarise_version
-from padim.artifact import check_servable, read_training_images
 from padim.errors import ConfigError
-from padim.products import ProductSettings, read_product_settings
-from padim.promotion import GateDecision, describe
+from padim.io.artifact import check_servable, read_training_images
+from padim.io.store import ModelStore
+from padim.jobs.products import ProductSettings, read_product_settings
+from padim.jobs.promotion import GateDecision, describe
+from padim.jobs.training import MIN_FIT_IMAGES, PublishedModel, TrainingPlan, plan_training
 from padim.settings import Precision, Runtime, TrainSettings, default_of
-from padim.store import ModelStore
-from padim.training import MIN_FIT_IMAGES, PublishedModel, TrainingPlan, plan_training
-from tasks.events import MODEL_PUBLISHED, MODEL_REJECTED, emit_event_task, publish_artifacts_task
-from tasks.policy import RESULT_OPTIONS
-from tasks.promotion import gate_task, grow_pool_task, prune_task
-from tasks.storage import list_images_task
 
 
 def plan_refit(new: list[str], settings: TrainSettings) -> TrainingPlan:

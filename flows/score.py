@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from padim_prefect.flows.naming import score_run_name
+from padim_prefect.flows.params import check_folder, check_outside_store, check_product, open_store, parse_day
+from padim_prefect.flows.runners import task_runner_from_env
+from padim_prefect.flows.train import artifact_key, run_id
+from padim_prefect.tasks.events import DRIFT_DETECTED, INSPECTION_COMPLETED, emit_event_task, publish_artifacts_task
+from padim_prefect.tasks.policy import RESULT_OPTIONS
+from padim_prefect.tasks.scoring import already_scored_task, compact_partition_task, score_shard_task
+from padim_prefect.tasks.storage import list_images_task
 from prefect import flow, get_run_logger
 
-from flows.naming import score_run_name
-from flows.params import check_folder, check_outside_store, check_product, open_store, parse_day
-from flows.runners import task_runner_from_env
-from flows.train import artifact_key, run_id
 from padim.errors import IncompleteRunError
-from padim.fsio import browser_url
-from padim.inspection import ShardReport, check_drift, merge_top, plan_scoring, resolve_model
+from padim.io.fsio import browser_url
+from padim.jobs.inspection import ShardReport, check_drift, merge_top, plan_scoring, resolve_model
 from padim.settings import (
     HEATMAP_ARTIFACTS,
     HEATMAP_LINK_EXPIRY_S,
@@ -22,10 +26,6 @@ from padim.settings import (
     TrainSettings,
     default_of,
 )
-from tasks.events import DRIFT_DETECTED, INSPECTION_COMPLETED, emit_event_task, publish_artifacts_task
-from tasks.policy import RESULT_OPTIONS
-from tasks.scoring import already_scored_task, compact_partition_task, score_shard_task
-from tasks.storage import list_images_task
 
 
 def heatmap_cell(row: dict[str, Any]) -> str:

@@ -5,23 +5,23 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from padim_prefect.flows.naming import train_run_name
+from padim_prefect.flows.params import build_config, check_folder, check_outside_store, check_product, open_store
+from padim_prefect.flows.runners import task_runner_from_env
+from padim_prefect.tasks.events import MODEL_PUBLISHED, emit_event_task, publish_artifacts_task
+from padim_prefect.tasks.policy import RESULT_OPTIONS
+from padim_prefect.tasks.promotion import grow_pool_task, prune_task
+from padim_prefect.tasks.storage import list_images_task, remove_work_area_task
+from padim_prefect.tasks.training import finalize_and_publish_task, fit_shard_task
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.naming import train_run_name
-from flows.params import build_config, check_folder, check_outside_store, check_product, open_store
-from flows.runners import task_runner_from_env
-from padim.alignment import with_reference
-from padim.config import PadimConfig, Registration, StatisticsMode
-from padim.products import read_product_settings, update_product_settings
+from padim.core.alignment import with_reference
+from padim.core.config import PadimConfig, Registration, StatisticsMode
+from padim.io.store import ModelStore
+from padim.jobs.products import read_product_settings, update_product_settings
+from padim.jobs.training import PublishedModel, ShardOutcome, TrainingPlan, plan_training
 from padim.settings import Precision, Runtime, TrainSettings, default_of
-from padim.store import ModelStore
-from padim.training import PublishedModel, ShardOutcome, TrainingPlan, plan_training
-from tasks.events import MODEL_PUBLISHED, emit_event_task, publish_artifacts_task
-from tasks.policy import RESULT_OPTIONS
-from tasks.promotion import grow_pool_task, prune_task
-from tasks.storage import list_images_task, remove_work_area_task
-from tasks.training import finalize_and_publish_task, fit_shard_task
 
 
 def run_id() -> str:
@@ -158,7 +158,7 @@ def train(
 ) -> dict[str, Any]:
     """Fit a product's model on normal images and publish it as a new version.
 
-    Every default comes from :class:`padim.config.PadimConfig` (the model) and
+    Every default comes from :class:`padim.core.config.PadimConfig` (the model) and
     :class:`padim.settings.TrainSettings` (the job), the same place ``padim train`` reads them.
 
     Args:
@@ -182,7 +182,7 @@ def train(
             or ``openvino``.
         precision: Arithmetic of the OpenVINO backbone: ``f32`` or ``bf16``.
         statistics: ``position``, ``shared`` or ``both`` Gaussians (parts that are not aligned;
-            this and the options below are documented in :class:`padim.config.PadimConfig`).
+            this and the options below are documented in :class:`padim.core.config.PadimConfig`).
         augment_copies: Randomly shifted/rotated copies fitted per normal image (0 = off).
         augment_seed: Seed of the copies' transforms.
         augment_shift: Largest shift of a copy (share of the side).

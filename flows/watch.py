@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from padim_prefect.flows.naming import watch_run_name
+from padim_prefect.flows.params import check_product, open_store
+from padim_prefect.tasks.events import NORMAL_IMAGES_ADDED, emit_event_task
+from padim_prefect.tasks.policy import RESULT_OPTIONS
 from prefect import flow, get_run_logger
 
-from flows.naming import watch_run_name
-from flows.params import check_product, open_store
-from padim.landing import mark_announced, new_batches
-from padim.products import read_product_settings
+from padim.jobs.landing import mark_announced, new_batches
+from padim.jobs.products import read_product_settings
 from padim.settings import WatchSettings, default_of
-from tasks.events import NORMAL_IMAGES_ADDED, emit_event_task
-from tasks.policy import RESULT_OPTIONS
 
 
 @flow(name="padim-watch", flow_run_name=watch_run_name, validate_parameters=True, **RESULT_OPTIONS)

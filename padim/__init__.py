@@ -1,17 +1,14 @@
 """PaDiM anomaly detection: a pure library (no orchestration imports).
 
-Modules, one per concept (see ``docs/architecture.md``):
+Subpackages, by concern, each importing only those listed after it (see ``docs/architecture.md``;
+import-linter enforces the order, see ``pyproject.toml``):
 
-* :mod:`padim.config` - the model's configuration; :mod:`padim.settings` - every job default.
-* :mod:`padim.engine` - the one fit / score / calibrate path every job runs.
-* :mod:`padim.backbones` - truncated ImageNet feature extractors and their weights.
-* :mod:`padim.preprocessing` - image to normalised tensor.
-* :mod:`padim.embedding` - multi-scale patch embeddings and channel selection.
-* :mod:`padim.statistics` - exact streaming per-position Gaussian statistics.
-* :mod:`padim.mahalanobis` - batched Mahalanobis distances against a cached whitening factor.
-* :mod:`padim.anomaly_map` - distance maps to smoothed anomaly maps and image scores.
-* :mod:`padim.model` - the fitter and the fitted (re-entrant) model; :mod:`padim.artifact` - its
-  safe on-disk form.
+* :mod:`padim.evaluation` - metrics, the MVTec-layout evaluation, the demo's synthetic product.
+* :mod:`padim.jobs` - the one fit / score / calibrate engine and the steps the flows compose.
+* :mod:`padim.reports` - Parquet reports, DuckDB queries and heat-map pictures.
+* :mod:`padim.io` - fsspec storage, image decoding, a model version's files and the model store.
+* :mod:`padim.core` - configuration, backbones, embeddings, statistics, scoring and the model.
+* :mod:`padim.settings` (every job default, defined once) and :mod:`padim.errors` (readable errors).
 """
 
 __version__ = "0.1.0"

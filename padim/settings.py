@@ -1,6 +1,6 @@
 """Every default of a job, defined once.
 
-The model's own options (backbone, channels, image size, crop...) are :class:`padim.config.PadimConfig`;
+The model's own options (backbone, channels, image size, crop...) are :class:`padim.core.config.PadimConfig`;
 how a job runs is here: :class:`TrainSettings` (fit and calibrate), :class:`ScoreSettings` (a night's
 scoring and its drift check), :class:`WatchSettings` (new batches of normal images),
 :class:`RunnerSettings` (how many tasks run at once) and the batch size per device
@@ -12,7 +12,7 @@ default.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -22,6 +22,8 @@ __all__ = [
     "HEATMAP_ARTIFACTS",
     "HEATMAP_LINK_EXPIRY_S",
     "ComputePath",
+    "Device",
+    "ExportFormat",
     "GateSettings",
     "Precision",
     "RetentionSettings",
@@ -38,6 +40,10 @@ ComputePath = Literal["auto", "fast", "plain"]
 the stage maps, no upsampled embedding), ``"plain"`` (the whole embedding), or ``"auto"`` (fast on a
 CPU, plain on a GPU, where the batched products win). Both give the same numbers (tested)."""
 
+Device = Literal["auto", "cpu", "cuda"]
+"""Where the CNN runs: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``; :func:`check_device`
+also takes ``"cuda:N"`` for one GPU of several."""
+
 Runtime = Literal["auto", "torch", "openvino"]
 """Where the backbone runs: ``"openvino"`` (CPU only; the same float32 numbers, 2.1x the speed of the
 unfolded torch network and 1.2x the folded one on the 2-core AVX2 host of BENCHMARKS.md), ``"torch"``,
@@ -47,6 +53,9 @@ Precision = Literal["f32", "bf16"]
 """Arithmetic of the OpenVINO backbone: exact float32, or bfloat16 on CPUs that have it (AVX512-BF16 or
 AMX; refused elsewhere, where OpenVINO would silently run float32). Not the default: its accuracy cost
 is yet to be measured on such a CPU (BENCHMARKS.md)."""
+
+ExportFormat = Literal["table", "csv", "json", "parquet"]
+"""Formats a report query is written in: a text table, CSV, JSON (one array of row objects) or Parquet."""
 
 HEATMAP_LINK_EXPIRY_S = 7 * 24 * 3600
 """Lifetime of the browser links to heat maps in a score run's artifacts (S3 presigned URLs: 7 days,
@@ -65,7 +74,7 @@ GPU_BATCH_SIZES: dict[str, int] = {"efficientnet_lite0": 256, "resnet18": 256, "
 
 def check_device(value: str) -> str:
     """Validate a device name: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
-    if value not in {"auto", "cpu", "cuda"} and not value.startswith("cuda:"):
+    if value not in get_args(Device) and not value.startswith("cuda:"):
         raise ValueError(f"device must be auto, cpu or cuda, got {value!r}")
     return value
 

@@ -1,6 +1,6 @@
 """``padim demo``: the whole job end to end on a synthetic product, nothing to download.
 
-1. :func:`padim.synthetic.make_demo_dataset` writes a brushed-metal product data set.
+1. :func:`padim.evaluation.synthetic.make_demo_dataset` writes a brushed-metal product data set.
 2. The train flow fits the product's model (default backbone, packaged ImageNet weights).
 3. The score flow scores the night into the Parquet report and writes heat maps.
 4. The report is read back: top anomalies, heat maps, image AUROC against the known labels.
@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from padim.config import PadimConfig
+from padim.core.config import PadimConfig
 from padim.settings import TrainSettings, default_of
 from padim_cli.render import format_table
 from padim_cli.runner import check_backbone, check_product, resolve_store, run_flow, start_warm_up
@@ -106,7 +106,7 @@ def demo_metrics(rows: list[Mapping[str, Any]], labels: Mapping[str, str]) -> De
     Returns:
         AUROC and flag counts.
     """
-    from padim.metrics import image_auroc
+    from padim.evaluation.metrics import image_auroc
 
     scored = [r for r in rows if r.get("status") == "ok" and os.path.basename(str(r["image_uri"])) in labels]
     defective = [labels[os.path.basename(str(r["image_uri"]))] != "good" for r in scored]
@@ -171,7 +171,7 @@ def run_demo(
     Returns:
         The night's figures.
     """
-    from padim.synthetic import make_demo_dataset
+    from padim.evaluation.synthetic import make_demo_dataset
 
     check_product(product)
     base = prepare_workdir(workdir, clear_store=store is None)
@@ -220,10 +220,10 @@ def _report_findings(
     root: str, product: str, version: str, day: str, labels: Mapping[str, str], base: Path
 ) -> DemoOutcome:
     """Read the night back from the Parquet report and print the findings."""
+    from padim.io.store import ModelStore
     from padim.reports import query_reports
     from padim.reports.export import to_json_records
     from padim.reports.layout import partition_url
-    from padim.store import ModelStore
 
     rows = to_json_records(query_reports(root, product=product, since=day, until=day, model_version=version))
     outcome = demo_metrics(rows, labels)

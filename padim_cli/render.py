@@ -63,7 +63,7 @@ def _size(n_bytes: int) -> str:
 
 
 def model_rows(versions: Sequence[Any]) -> list[list[object]]:
-    """Table rows of model versions (``padim.store.VersionInfo``), in the given order.
+    """Table rows of model versions (``padim.io.store.VersionInfo``), in the given order.
 
     Args:
         versions: Versions, newest first.

@@ -40,7 +40,7 @@ def absolute_url(url: str, what: str = "folder") -> str:
         ConfigError: For an empty or blank path (it would silently mean the current directory) or a
             URL without a bucket (``s3://``).
     """
-    from flows.params import resolve_url
+    from padim_prefect.flows.params import resolve_url
 
     resolve_url(url, what)
     if "://" in url:
@@ -54,8 +54,9 @@ def resolve_store(store: str | None) -> str:
     Raises:
         ConfigError: For an empty ``store`` or a URL without a bucket.
     """
-    from flows.params import resolve_url
-    from padim.store import ModelStore
+    from padim_prefect.flows.params import resolve_url
+
+    from padim.io.store import ModelStore
 
     if store is not None:
         resolve_url(store, "store")
@@ -66,7 +67,7 @@ def resolve_store(store: str | None) -> str:
 
 def check_product(product: str) -> str:
     """Validate a product name (raises ``InvalidProductNameError`` with the rule)."""
-    from padim.store import validate_product
+    from padim.io.store_layout import validate_product
 
     return validate_product(product)
 
@@ -77,9 +78,10 @@ def check_folder(url: str, what: str, store: str | None = None) -> str:
     Raises:
         ConfigError: Naming the folder.
     """
-    from flows.params import check_folder as check
-    from flows.params import check_outside_store
-    from padim.store import ModelStore
+    from padim_prefect.flows.params import check_folder as check
+    from padim_prefect.flows.params import check_outside_store
+
+    from padim.io.store import ModelStore
 
     check(url, what)
     if store is not None:
@@ -100,8 +102,8 @@ def check_backbone(name: str, weights: str | None, device: str, runtime: str = "
         runtime: ``auto``, ``torch`` or ``openvino``.
         precision: ``f32`` or ``bf16``.
     """
-    from padim.backbones import get_backbone
-    from padim.model import resolve_device
+    from padim.core.backbones import get_backbone
+    from padim.core.execution import resolve_device
 
     get_backbone(name, weights, resolve_device(device), runtime, precision)  # type: ignore[arg-type]
 
@@ -109,7 +111,7 @@ def check_backbone(name: str, weights: str | None, device: str, runtime: str = "
 def check_store_exists(store: str) -> str:
     """Check that a store root exists (a typo would otherwise show an empty report)."""
     from padim.errors import StoreError
-    from padim.fsio import exists
+    from padim.io.fsio import exists
 
     if not exists(store):
         raise StoreError(f"no store at {store}; pass --store or set PADIM_STORE")
@@ -127,7 +129,7 @@ def check_model(store: str, product: str, version: str | None) -> str:
     Returns:
         The version name.
     """
-    from padim.store import ModelStore
+    from padim.io.store import ModelStore
 
     model_store = ModelStore(store)
     if version:
@@ -153,7 +155,7 @@ def parse_dask(dask: str | None) -> tuple[str, str | None]:
 
 
 def load_flow(name: str) -> Any:
-    """Import the flow ``flows.<name>.<name>`` and keep Prefect's console output quiet.
+    """Import the flow ``padim_prefect.flows.<name>.<name>`` and keep Prefect's console output quiet.
 
     Args:
         name: ``train``, ``score``, ``retrain``, ``watch`` or ``nightly``.
@@ -161,7 +163,7 @@ def load_flow(name: str) -> Any:
     Returns:
         The Prefect flow.
     """
-    module = importlib.import_module(f"flows.{name}")
+    module = importlib.import_module(f"padim_prefect.flows.{name}")
     quiet_prefect_console()
     return getattr(module, name)
 
@@ -223,7 +225,7 @@ def run_flow(name: str, dask: str | None = None, dask_workers: int | None = None
     flow = load_flow(name)
     kind, address = parse_dask(dask)
     if kind == "dask":
-        from flows.runners import with_task_runner
+        from padim_prefect.flows.runners import with_task_runner
 
         flow = with_task_runner(flow, "dask", address, dask_workers)
     return flow(**parameters)

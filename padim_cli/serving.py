@@ -38,7 +38,7 @@ def serve_deployments(limit: int | None = None) -> None:
     Args:
         limit: Most flow runs at once.
     """
-    from deployments.serve import serve_all
+    from padim_prefect.deployments.serve import serve_all
 
     print("Serving the padim deployments (nightly, retrain, watch, train, score); Ctrl+C stops.")
     serve_all(limit=limit)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from padim_prefect.tasks.policy import TASK_OPTIONS
 from prefect import get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
-
-from tasks.policy import TASK_OPTIONS
 
 MODEL_PUBLISHED = "padim.model.published"
 MODEL_REJECTED = "padim.model.rejected"

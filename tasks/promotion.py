@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from padim_prefect.tasks.policy import TASK_OPTIONS
 from prefect import get_run_logger, task
 
-from padim.artifact import load_model, read_training_images
-from padim.model import resolve_device
-from padim.promotion import GateDecision, check_candidate, grow_pool, read_pool
+from padim.core.execution import resolve_device
+from padim.io.artifact import load_model, read_training_images
+from padim.io.store import ModelStore
+from padim.jobs.promotion import GateDecision, check_candidate, grow_pool, read_pool
 from padim.settings import GateSettings, TrainSettings
-from padim.store import ModelStore
-from tasks.policy import TASK_OPTIONS
 
 
 @task(name="grow-calibration-pool", **TASK_OPTIONS)

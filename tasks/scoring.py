@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from datetime import date
 
+from padim_prefect.tasks.policy import TASK_OPTIONS
 from prefect import get_run_logger, task
 
-from padim.inspection import ShardReport, score_shard
+from padim.io.store import ModelStore
+from padim.jobs.inspection import ShardReport, score_shard
 from padim.reports import compact_partition, scored_contents
 from padim.settings import ScoreSettings
-from padim.store import ModelStore
-from tasks.policy import TASK_OPTIONS
 
 
 @task(name="already-scored", **TASK_OPTIONS)

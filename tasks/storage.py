@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from padim_prefect.tasks.policy import TASK_OPTIONS
 from prefect import get_run_logger, task
 
-from padim.fsio import url_to_fs
-from padim.images import list_images
-from tasks.policy import TASK_OPTIONS
+from padim.io.fsio import url_to_fs
+from padim.io.listing import list_images
 
 
 @task(name="list-images", **TASK_OPTIONS)

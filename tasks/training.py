@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from padim_prefect.tasks.policy import TASK_OPTIONS
 from prefect import get_run_logger, task
 
-from padim.config import PadimConfig
+from padim.core.config import PadimConfig
+from padim.io.store import ModelStore
+from padim.jobs.refit import load_base_model
+from padim.jobs.training import PublishedModel, ShardOutcome, finalize_and_publish, fit_shard
 from padim.settings import TrainSettings
-from padim.store import ModelStore
-from padim.training import PublishedModel, ShardOutcome, finalize_and_publish, fit_shard, load_base_model
-from tasks.policy import TASK_OPTIONS
 
 
 @task(name="fit-shard", **TASK_OPTIONS)

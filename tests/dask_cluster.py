@@ -15,7 +15,7 @@ The processes inherit the test process's environment at the time the fixture sta
 ``s3_endpoint`` and ``prefect_harness`` (session scope, so set up first) to give them the moto
 endpoint, the dummy credentials and the harness's exported Prefect settings. Two changes:
 ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` are set to this process's ``torch.get_num_threads()``
-(see :func:`flows.runners.worker_thread_env`: the nanny would otherwise start each worker with one
+(see :func:`padim_prefect.flows.runners.worker_thread_env`: the nanny would otherwise start each worker with one
 intra-op thread, and EfficientNet-Lite0 then embeds to different bits), and ``PREFECT_API_URL``
 is removed: Prefect's Dask task runner sends the flow's settings (the API URL included) with every
 task, which a test of the workers should rely on rather than on a developer's shell.

@@ -145,9 +145,9 @@ def read_statistics(version_url: str) -> dict[str, torch.Tensor]:
     """
     from safetensors.torch import load
 
-    from padim.artifact import STATISTICS_FILE
-    from padim.fsio import join_url, read_bytes
-    from padim.statistics import GaussianAccumulator
+    from padim.core.statistics import GaussianAccumulator
+    from padim.io.artifact import STATISTICS_FILE
+    from padim.io.fsio import join_url, read_bytes
 
     raw = load(read_bytes(join_url(version_url, STATISTICS_FILE)))
     stored = raw.get("m2_packed", raw.get("m2"))
@@ -177,16 +177,16 @@ def record_events(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     Returns:
         A list that fills with ``{"event", "resource", "payload"}`` as events are emitted.
     """
-    import tasks.events
+    import padim_prefect.tasks.events
 
     calls: list[dict[str, Any]] = []
-    real = tasks.events.emit_event
+    real = padim_prefect.tasks.events.emit_event
 
     def recording(*, event: str, resource: dict[str, str], payload: dict[str, Any] | None = None, **kw: Any) -> Any:
         calls.append({"event": event, "resource": dict(resource), "payload": dict(payload or {})})
         return real(event=event, resource=resource, payload=payload, **kw)
 
-    monkeypatch.setattr(tasks.events, "emit_event", recording)
+    monkeypatch.setattr(padim_prefect.tasks.events, "emit_event", recording)
     return calls
 
 

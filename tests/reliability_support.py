@@ -198,9 +198,9 @@ def deny_reads(monkeypatch: pytest.MonkeyPatch, name: str = UNREADABLE) -> list[
 
 def remove_after_listing(monkeypatch: pytest.MonkeyPatch, name: str = VANISHED) -> None:
     """Delete files called ``name`` right after the flow lists the folder (a file removed mid-run)."""
-    import tasks.storage
+    import padim_prefect.tasks.storage
 
-    real = tasks.storage.list_images
+    real = padim_prefect.tasks.storage.list_images
 
     def list_then_remove(url: str, *args: Any, **kwargs: Any) -> list[str]:
         uris = real(url, *args, **kwargs)
@@ -209,7 +209,7 @@ def remove_after_listing(monkeypatch: pytest.MonkeyPatch, name: str = VANISHED) 
                 os.remove(uri)
         return uris
 
-    monkeypatch.setattr(tasks.storage, "list_images", list_then_remove)
+    monkeypatch.setattr(padim_prefect.tasks.storage, "list_images", list_then_remove)
 
 
 def record_listing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -218,7 +218,7 @@ def record_listing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     Returns:
         The folder URLs the flow tried to list.
     """
-    import tasks.storage
+    import padim_prefect.tasks.storage
 
     listed: list[str] = []
 
@@ -226,7 +226,7 @@ def record_listing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         listed.append(url)
         return []
 
-    monkeypatch.setattr(tasks.storage, "list_images", refuse)
+    monkeypatch.setattr(padim_prefect.tasks.storage, "list_images", refuse)
     return listed
 
 
@@ -268,7 +268,7 @@ def trained_store(tmp_path_factory: pytest.TempPathFactory) -> TrainedStore:
     Must be called with a Prefect harness active.
     """
     if "store" not in _TRAINED:
-        from flows.train import train
+        from padim_prefect.flows.train import train
 
         root = tmp_path_factory.mktemp("reliability-model")
         normal = local_dir(root / "normal")
@@ -288,7 +288,7 @@ def raw_report_rows(store: str, product: str = PRODUCT) -> list[dict[str, Any]]:
     Returns:
         Rows (dicts) as physically stored, all partitions.
     """
-    from padim.fsio import url_to_fs
+    from padim.io.fsio import url_to_fs
     from padim.reports import list_report_files
 
     rows: list[dict[str, Any]] = []

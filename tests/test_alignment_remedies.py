@@ -19,15 +19,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from padim.alignment import augment_images, phase_shifts, pixel_gray, register_images, translate, with_reference
-from padim.artifact import load_model, save_model
-from padim.config import PadimConfig
-from padim.embedding import aggregate_neighbourhood
-from padim.features import FeatureBatch
-from padim.mahalanobis import tolerant_distances
-from padim.model import PadimFitter, PadimModel, build_model, finalize_gaussians, gaussian_distances, num_gaussians
-from padim.statistics import GaussianAccumulator, pool_positions
-from padim.store import ModelStore
+from padim.core.alignment import augment_images, phase_shifts, pixel_gray, register_images, translate, with_reference
+from padim.core.config import PadimConfig
+from padim.core.embedding import aggregate_neighbourhood
+from padim.core.features import FeatureBatch
+from padim.core.fitter import PadimFitter, build_model, finalize_gaussians
+from padim.core.geometry import num_gaussians
+from padim.core.mahalanobis import tolerant_distances
+from padim.core.model import PadimModel
+from padim.core.scoring import gaussian_distances
+from padim.core.statistics import GaussianAccumulator, pool_positions
+from padim.io.artifact import load_model, save_model
+from padim.io.store import ModelStore
 
 SIDE = 32
 GRID = SIDE // 4
@@ -404,8 +407,10 @@ def restored_environ() -> Iterator[None]:
 def test_padim_train_passes_the_remedies_to_the_flow_which_builds_them(
     monkeypatch: pytest.MonkeyPatch, restored_environ: None, tmp_path: Path
 ) -> None:
-    import padim_cli.main as cli
-    from flows.params import build_config
+    from padim_prefect.flows.params import build_config
+
+    import padim_cli.commands.train
+    from padim_cli.main import app
 
     calls: list[dict[str, Any]] = []
 
@@ -413,10 +418,10 @@ def test_padim_train_passes_the_remedies_to_the_flow_which_builds_them(
         calls.append(parameters)
         raise RuntimeError("stop")
 
-    monkeypatch.setattr(cli, "run_flow", fake_run_flow)
-    monkeypatch.setattr(cli, "check_backbone", lambda *args, **kwargs: None)
+    monkeypatch.setattr(padim_cli.commands.train, "run_flow", fake_run_flow)
+    monkeypatch.setattr(padim_cli.commands.train, "check_backbone", lambda *args, **kwargs: None)
     args = ["train", "-p", "part", "--normal", str(tmp_path), "--store", str(tmp_path / "s"), *REMEDY_ARGS]
-    CliRunner().invoke(cli.app, args)
+    CliRunner().invoke(app, args)
     assert len(calls) == 1
     assert {k: calls[0][k] for k in REMEDY_FIELDS} == REMEDY_FIELDS
     flow_params = inspect.signature(cli_flow_train()).parameters
@@ -427,7 +432,7 @@ def test_padim_train_passes_the_remedies_to_the_flow_which_builds_them(
 
 def cli_flow_train() -> Any:
     """The Python function of the train flow."""
-    from flows.train import train
+    from padim_prefect.flows.train import train
 
     return getattr(train, "fn", train)
 
@@ -435,11 +440,13 @@ def cli_flow_train() -> Any:
 def test_padim_evaluate_takes_and_reports_the_remedies(
     monkeypatch: pytest.MonkeyPatch, restored_environ: None, tmp_path: Path
 ) -> None:
-    import padim_cli.evaluate
+    import padim_cli.commands.evaluate
     from padim_cli.main import app
 
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(padim_cli.evaluate, "run_evaluation", lambda _d, config, _s, **_k: seen.update(config=config))
+    monkeypatch.setattr(
+        padim_cli.commands.evaluate, "run_evaluation", lambda _d, config, _s, **_k: seen.update(config=config)
+    )
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path), *REMEDY_ARGS])
     assert result.exit_code == 0, result.output
     assert seen["config"].remedies() == REMEDY_FIELDS
@@ -450,7 +457,7 @@ def test_padim_evaluate_takes_and_reports_the_remedies(
 def test_padim_evaluate_prints_the_remedies() -> None:
     from types import SimpleNamespace
 
-    from padim_cli.evaluate import metric_lines
+    from padim_cli.commands.evaluate import metric_lines
 
     def result(chosen: PadimConfig) -> SimpleNamespace:
         return SimpleNamespace(

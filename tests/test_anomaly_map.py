@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from padim.anomaly_map import AnomalyMapGenerator, gaussian_kernel1d, image_scores
-from padim.config import PadimConfig
+from padim.core.anomaly_map import AnomalyMapGenerator, gaussian_kernel1d, image_scores
+from padim.core.config import PadimConfig
 
 
 def test_kernel_for_sigma_4_has_33_taps_and_sums_to_one() -> None:

@@ -17,7 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from padim.artifact import (
+from padim.core.config import PadimConfig
+from padim.core.fitter import PadimFitter, build_model
+from padim.core.model import PadimModel, Thresholds, TrainingInfo
+from padim.core.statistics import GaussianAccumulator
+from padim.errors import IncompatibleModelError, ModelIntegrityError, ModelNotFoundError
+from padim.io.artifact import (
     MANIFEST,
     MODEL_FILE,
     STATISTICS_FILE,
@@ -27,10 +32,6 @@ from padim.artifact import (
     save_model,
     save_statistics,
 )
-from padim.config import PadimConfig
-from padim.errors import IncompatibleModelError, ModelIntegrityError, ModelNotFoundError
-from padim.model import PadimFitter, PadimModel, Thresholds, TrainingInfo, build_model
-from padim.statistics import GaussianAccumulator
 
 SIDE = 32
 CONFIG = PadimConfig(backbone="resnet18", weights="random", image_size=SIDE, crop_size=SIDE, channels=20)
@@ -321,7 +322,7 @@ def test_fitter_cell_statistics_equal_the_plain_update(batch_a: torch.Tensor, ba
 
 
 def test_banded_scoring_equals_scoring_the_whole_embedding(model_a: PadimModel, probe: torch.Tensor) -> None:
-    from padim.mahalanobis import TriangleBlocks, mahalanobis_distances
+    from padim.core.mahalanobis import TriangleBlocks, mahalanobis_distances
 
     assert isinstance(model_a.scoring_factor(), TriangleBlocks)  # a Cholesky factor on the CPU
     embeddings = model_a.extractor()(probe)
@@ -342,8 +343,8 @@ def test_banded_scoring_equals_scoring_the_whole_embedding(model_a: PadimModel, 
 
 @pytest.mark.parametrize("selection", ["random", "all", "semi_orthogonal"])
 def test_banded_scoring_of_every_channel_reduction(selection: str) -> None:
-    from padim.mahalanobis import mahalanobis_distances
-    from padim.model import banded_distances
+    from padim.core.mahalanobis import mahalanobis_distances
+    from padim.core.scoring import banded_distances
 
     config = CONFIG.model_copy(update={"channel_selection": selection, "image_size": 64, "crop_size": 64})
     fitter = PadimFitter(config)

@@ -1,7 +1,7 @@
 """The ``padim.model/2`` version layout: the scoring Gaussians are derived from the stored statistics.
 
 A version saved with its statistics stores no mean and no whitening factor: :func:`load_model`
-finalises the verified statistics with :func:`padim.model.finalize_gaussians`, the function the
+finalises the verified statistics with :func:`padim.core.fitter.finalize_gaussians`, the function the
 fit uses, so the loaded model scores bit for bit as the fitted one. Versions without statistics,
 or whose factor the statistics do not reproduce, store the factor; ``padim.model/1`` versions
 (which always stored it) still load. Same cheap configuration as ``tests/test_artifact.py``.
@@ -18,8 +18,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import padim.artifact as artifact
-from padim.artifact import (
+import padim.io.artifact as artifact
+from padim.core.config import PadimConfig
+from padim.core.fitter import PadimFitter, build_model
+from padim.core.geometry import num_gaussians
+from padim.core.model import PadimModel, Thresholds, TrainingInfo
+from padim.core.statistics import GaussianAccumulator, pack_lower
+from padim.errors import IncompatibleModelError, ModelIntegrityError
+from padim.io.artifact import (
     FACTOR_FROM_STATISTICS,
     FACTOR_PACKED,
     MANIFEST,
@@ -29,10 +35,6 @@ from padim.artifact import (
     load_model,
     save_model,
 )
-from padim.config import PadimConfig
-from padim.errors import IncompatibleModelError, ModelIntegrityError
-from padim.model import PadimFitter, PadimModel, Thresholds, TrainingInfo, build_model, num_gaussians
-from padim.statistics import GaussianAccumulator, pack_lower
 
 SIDE = 32
 D = 20

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
-from padim.backbones import BACKBONES, Backbone, get_spec, load_backbone, map_state_dict
-from padim.backbones.efficientnet import PACKAGE_SHA256, TIMM_NAME, package_weights_path
-from padim.backbones.weights import load_weights_file
+from padim.core.backbones import BACKBONES, Backbone, get_spec, load_backbone, map_state_dict
+from padim.core.backbones.efficientnet import PACKAGE_SHA256, TIMM_NAME, package_weights_path
+from padim.core.backbones.weights import load_weights_file
 from padim.errors import ConfigError, WeightsUnavailableError
 
 EXPECTED_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
@@ -249,7 +249,7 @@ def test_unknown_backbone_is_a_config_error() -> None:
     ("name", "weights"), [("efficientnet_lite0", None), ("resnet18", "random"), ("wide_resnet50_2", "random")]
 )
 def test_batch_norms_folded_into_the_convolutions_give_the_same_taps(name: str, weights: str | None) -> None:
-    from padim.backbones.folding import fold_batch_norms
+    from padim.core.backbones.folding import fold_batch_norms
 
     backbone = load_backbone(name, weights, runtime="torch")
     before = {k: v.clone() for k, v in backbone.network.state_dict().items()}

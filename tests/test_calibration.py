@@ -1,18 +1,18 @@
-"""Tests of padim.calibration: thresholds from normal scores and the hold-out split."""
+"""Tests of padim.core.calibration: thresholds from normal scores and the hold-out split."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from padim.calibration import (
+from padim.core.calibration import (
     DEFAULT_IMAGE_FPR,
     DEFAULT_PIXEL_FPR,
     calibrate_thresholds,
     split_holdout,
     threshold_at_fpr,
 )
-from padim.model import Thresholds
+from padim.core.model import Thresholds
 
 
 def _fpr(scores: np.ndarray, threshold: float) -> float:

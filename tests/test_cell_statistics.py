@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from padim.cell_statistics import CellLayout, CellStatistics, hierarchical
-from padim.config import PadimConfig
-from padim.model import PadimFitter
-from padim.statistics import GaussianAccumulator
+from padim.core.cell_statistics import CellLayout, CellStatistics, hierarchical
+from padim.core.config import PadimConfig
+from padim.core.fitter import PadimFitter
+from padim.core.statistics import GaussianAccumulator
 
 OFFSET = 1.0e4
 RTOL = 1e-9

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from padim.evaluation.synthetic import make_demo_dataset
 from padim.reports import REPORT_COLUMNS
-from padim.synthetic import make_demo_dataset
 from padim_cli.errors import describe_error, exit_code_for
 
 COMMANDS = (

@@ -1,7 +1,7 @@
 """Every default a user is told agrees with the one place it is defined.
 
 The defaults live in ``padim/settings.py`` (:class:`TrainSettings`, :class:`ScoreSettings`,
-:class:`RunnerSettings`, :data:`CPU_BATCH_SIZE`) and ``padim/config.py`` (:class:`PadimConfig`,
+:class:`RunnerSettings`, :data:`CPU_BATCH_SIZE`) and ``padim/core/config.py`` (:class:`PadimConfig`,
 :data:`DEFAULT_CHANNELS`). These tests fail when ``--help``, the command line's own defaults, the
 flows' signatures, the README, ``docs/*.md``, the comments of ``deployments/prefect.yaml`` or the
 documented environment variables say something else. The expected text is computed from the
@@ -27,9 +27,11 @@ import pytest
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from padim.backbones import BACKBONES
-from padim.config import DEFAULT_CHANNELS, PadimConfig
-from padim.inspection import check_drift
+from padim.core.backbones import BACKBONES
+from padim.core.config import DEFAULT_CHANNELS, PadimConfig
+from padim.evaluation.synthetic import make_demo_dataset
+from padim.jobs.inspection import check_drift
+from padim.jobs.training import plan_training
 from padim.settings import (
     CPU_BATCH_SIZE,
     GateSettings,
@@ -40,8 +42,6 @@ from padim.settings import (
     WatchSettings,
     default_of,
 )
-from padim.synthetic import make_demo_dataset
-from padim.training import plan_training
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -277,8 +277,8 @@ def test_help_names_the_dask_workers_default(help_screens: dict[str, str], comma
 
 
 def flow_function(name: str) -> Callable[..., Any]:
-    """The Python function of the flow ``flows.<name>.<name>``."""
-    module = __import__(f"flows.{name}", fromlist=[name])
+    """The Python function of the flow ``padim_prefect.flows.<name>.<name>``."""
+    module = __import__(f"padim_prefect.flows.{name}", fromlist=[name])
     return getattr(module, name).fn
 
 
@@ -313,7 +313,7 @@ def test_flow_parameter_defaults_are_the_settings_defaults(name: str) -> None:
 
 def test_train_flow_defaults_build_the_default_configuration() -> None:
     """A train-flow run with no options fits PadimConfig() with TrainSettings()."""
-    from flows.params import build_config
+    from padim_prefect.flows.params import build_config
 
     parameters = inspect.signature(flow_function("train")).parameters
     config_args = inspect.signature(build_config).parameters
@@ -342,7 +342,7 @@ def restored_environ() -> Iterator[None]:
 @pytest.fixture
 def flow_calls(monkeypatch: pytest.MonkeyPatch, restored_environ: None) -> list[tuple[str, dict[str, Any]]]:
     """The flows the CLI would run, with their parameters; no backbone, model or Prefect needed."""
-    import padim_cli.main as cli
+    from padim_cli.commands import score, train
 
     calls: list[tuple[str, dict[str, Any]]] = []
 
@@ -350,9 +350,15 @@ def flow_calls(monkeypatch: pytest.MonkeyPatch, restored_environ: None) -> list[
         calls.append((name, parameters))
         raise FlowCalledError(name)
 
-    monkeypatch.setattr(cli, "run_flow", fake_run_flow)
-    monkeypatch.setattr(cli, "check_backbone", lambda *args, **kwargs: None)
-    monkeypatch.setattr(cli, "check_model", lambda *args, **kwargs: "v1")
+    fakes = {
+        "run_flow": fake_run_flow,
+        "check_backbone": lambda *args, **kwargs: None,
+        "check_model": lambda *args, **kwargs: "v1",
+    }
+    for module in (train, score):
+        for name, fake in fakes.items():
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, fake)
     return calls
 
 
@@ -413,7 +419,7 @@ def test_padim_train_without_options_builds_the_default_configuration(
     flow_calls: list[tuple[str, dict[str, Any]]], tmp_path: Path
 ) -> None:
     """``padim train`` with no options fits PadimConfig() with TrainSettings()."""
-    from flows.params import build_config
+    from padim_prefect.flows.params import build_config
 
     passed = invoke_until_flow(
         ["train", "--product", "bottle", "--normal", str(tmp_path), "--store", str(tmp_path / "s")], flow_calls
@@ -439,7 +445,7 @@ def test_padim_evaluate_without_options_uses_the_default_configuration(
     monkeypatch: pytest.MonkeyPatch, restored_environ: None, tmp_path: Path
 ) -> None:
     """``padim evaluate DIR`` fits PadimConfig() and calibrates with TrainSettings()."""
-    import padim_cli.evaluate
+    import padim_cli.commands.evaluate
     from padim_cli.main import app
 
     seen: dict[str, Any] = {}
@@ -447,7 +453,7 @@ def test_padim_evaluate_without_options_uses_the_default_configuration(
     def fake_evaluation(dataset_dir: str, config: PadimConfig, settings: TrainSettings, **kwargs: Any) -> None:
         seen.update(config=config, settings=settings)
 
-    monkeypatch.setattr(padim_cli.evaluate, "run_evaluation", fake_evaluation)
+    monkeypatch.setattr(padim_cli.commands.evaluate, "run_evaluation", fake_evaluation)
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path)])
     assert result.exit_code == 0, f"padim evaluate: {result.output} {result.exception!r}"
     assert seen["config"] == PadimConfig(), f"padim evaluate fits {seen['config']}, not {PadimConfig()}"
@@ -456,11 +462,12 @@ def test_padim_evaluate_without_options_uses_the_default_configuration(
 
 def test_cli_signature_defaults_are_the_settings_defaults() -> None:
     """Every CLI parameter named like a settings field defaults to it (enums by value)."""
-    import padim_cli.main as cli
+    from padim_cli.main import COMMANDS
 
+    functions = {function.__name__: function for function in COMMANDS}
     models = {**HELP_MODELS, "nightly": (ScoreSettings,), "demo": (TrainSettings,)}
     for command, command_models in models.items():
-        for parameter in inspect.signature(getattr(cli, command)).parameters.values():
+        for parameter in inspect.signature(functions[command]).parameters.values():
             field = {"crop": "crop_size"}.get(parameter.name, parameter.name)
             for model in command_models:
                 if field in model.model_fields:
@@ -511,7 +518,7 @@ def readme_phrases() -> list[tuple[str, str]]:
         ("demo training images", f"Data set: {n_demo} good images to train on"),
         ("demo hold-out", f"{n_demo} images ({n_demo_holdout} first held out to calibrate)"),
         ("where defaults live", "[padim/settings.py](padim/settings.py)"),
-        ("where defaults live", "[padim/config.py](padim/config.py)"),
+        ("where defaults live", "[padim/core/config.py](padim/core/config.py)"),
     ]
 
 
@@ -533,7 +540,7 @@ def architecture_phrases() -> list[tuple[str, str]]:
         ("blur", f"blur (σ {config.blur_sigma:g}, kernel {2 * radius + 1})"),
         ("CPU micro-batches", f"micro-batches of {micro[0]}-{micro[-1]}"),
         ("CPU batch size", f"one call of {CPU_BATCH_SIZE})"),
-        ("where defaults live", "`padim/settings.py`, `padim/config.py`"),
+        ("where defaults live", "`padim/settings.py`, `padim/core/config.py`"),
         ("settings module", "| settings | `settings.py` |"),
     ]
 
@@ -691,9 +698,8 @@ def clean_runner_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 def test_task_runner_variables_default_as_documented(clean_runner_env: pytest.MonkeyPatch) -> None:
     """Unset: a thread pool of RunnerSettings.task_threads, as the README's table says."""
+    from padim_prefect.flows.runners import task_runner_from_env
     from prefect.task_runners import ThreadPoolTaskRunner
-
-    from flows.runners import task_runner_from_env
 
     table = readme_env_table()
     threads = default_of(RunnerSettings, "task_threads")
@@ -709,7 +715,7 @@ def test_task_runner_variables_default_as_documented(clean_runner_env: pytest.Mo
 def test_dask_variables_default_as_documented(clean_runner_env: pytest.MonkeyPatch) -> None:
     """PADIM_TASK_RUNNER=dask: a local cluster of RunnerSettings.dask_workers, or PADIM_DASK_ADDRESS."""
     pytest.importorskip("prefect_dask")
-    from flows.runners import task_runner_from_env
+    from padim_prefect.flows.runners import task_runner_from_env
 
     table = readme_env_table()
     workers = default_of(RunnerSettings, "dask_workers")
@@ -724,7 +730,7 @@ def test_dask_variables_default_as_documented(clean_runner_env: pytest.MonkeyPat
 
 def test_store_variable_defaults_as_documented(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Unset PADIM_STORE: the store is the documented folder under the working directory."""
-    from padim.store import default_store_url
+    from padim.io.store_layout import default_store_url
 
     documented = readme_env_table()["PADIM_STORE"][1].strip("`")
     monkeypatch.delenv("PADIM_STORE", raising=False)
@@ -734,7 +740,7 @@ def test_store_variable_defaults_as_documented(monkeypatch: pytest.MonkeyPatch, 
 
 def test_cache_variable_defaults_as_documented(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Remote weights files are copied under <PADIM_CACHE>/weights/, by default ~/.cache/padim."""
-    from padim.backbones.weights import fetch_to_local
+    from padim.core.backbones.weights import fetch_to_local
 
     documented = readme_env_table()["PADIM_CACHE"][1].strip("`")
     assert documented.startswith("~/"), documented
@@ -785,7 +791,7 @@ class TerminalStream(io.StringIO):
 
 def test_progress_variable_works_as_documented(monkeypatch: pytest.MonkeyPatch) -> None:
     """PADIM_PROGRESS=0 turns the bars off even on a terminal."""
-    from padim import progress
+    from padim.jobs import progress
 
     row = readme_env_table()["PADIM_PROGRESS"]
     assert row[1] == "on" and "`0` turns the progress bars off" in row[2], row
@@ -807,7 +813,7 @@ def test_prefect_yaml_comments_quote_the_defaults() -> None:
     for phrase in (
         f"PADIM_TASK_THREADS={runner.task_threads} (threads per flow run, the default)",
         f"PADIM_DASK_WORKERS={runner.dask_workers} (local Dask cluster, the default)",
-        "padim/settings.py and padim/config.py",
+        "padim/settings.py and padim/core/config.py",
     ):
         assert phrase in comments, f"deployments/prefect.yaml comments should say {phrase!r}"
     for path in re.findall(r"\b((?:docs|padim)/[\w/]+\.(?:md|py))\b", comments):

@@ -20,10 +20,9 @@ from typing import Any
 
 import pytest
 import yaml
-
-from deployments.serve import PREFECT_YAML, build_deployments, load_definitions, load_entrypoint
-from flows.retrain import retrain
-from tasks.events import DRIFT_DETECTED, NORMAL_IMAGES_ADDED, product_resource
+from padim_prefect.deployments.serve import PREFECT_YAML, build_deployments, load_definitions, load_entrypoint
+from padim_prefect.flows.retrain import retrain
+from padim_prefect.tasks.events import DRIFT_DETECTED, NORMAL_IMAGES_ADDED, product_resource
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCEPTANCE = (ROOT / ".." / "shared" / "acceptance" / "deployments_check.py").resolve()

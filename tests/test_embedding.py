@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from padim.config import PadimConfig
-from padim.embedding import (
+from padim.core.config import PadimConfig
+from padim.core.embedding import (
     EmbeddingProjector,
     build_projector,
     select_channel_indices,
     semi_orthogonal_projection,
 )
+from padim.core.geometry import new_projector
 from padim.errors import ConfigError
-from padim.model import new_projector
 
 STAGES = (24, 40, 112)  # EfficientNet-Lite0 taps
 TOTAL = sum(STAGES)
@@ -166,8 +166,8 @@ def test_a_projection_has_no_stage_channels() -> None:
 
 
 def test_extractor_stage_maps_reuse_their_buffers_correctly() -> None:
-    from padim.backbones import get_backbone
-    from padim.features import FeatureExtractor
+    from padim.core.backbones import get_backbone
+    from padim.core.features import FeatureExtractor
 
     backbone = get_backbone("resnet18", "random", "cpu")
     extractor = FeatureExtractor(backbone, build_projector((64, 128, 256), 40, "random", seed=1))

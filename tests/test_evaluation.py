@@ -1,4 +1,4 @@
-"""Tests of padim.evaluation on a tiny synthetic MVTec-layout data set (random backbone, 64 px)."""
+"""Tests of padim.evaluation's layout, run, results and figures on a tiny MVTec-layout set (random backbone, 64 px)."""
 
 from __future__ import annotations
 
@@ -9,21 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from padim.config import PadimConfig
-from padim.evaluation import (
-    DatasetLayoutError,
-    EvaluationRun,
-    apply_geometry,
-    discover_layout,
-    evaluate_dataset,
-    load_mask,
-    run_evaluation,
-    summarize,
-    write_figures,
-    write_json,
-)
+from padim.core.config import PadimConfig
+from padim.evaluation.evaluate import evaluate_dataset
+from padim.evaluation.figures import write_figures
+from padim.evaluation.mvtec import DatasetLayoutError, apply_geometry, discover_layout, load_mask
+from padim.evaluation.results import summarize, write_json
+from padim.evaluation.run import EvaluationRun, run_evaluation
+from padim.reports.visualize import overlay_heatmap
 from padim.settings import TrainSettings
-from padim.visualize import overlay_heatmap
 
 SIZE = 64
 CONFIG = PadimConfig(backbone="resnet18", weights="random", channels=20, image_size=SIZE, crop_size=SIZE)

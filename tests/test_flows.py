@@ -15,34 +15,34 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import padim_prefect.tasks.storage
 import pandas as pd
 import pytest
-from pydantic import ValidationError
-
-import padim.backbones
-import tasks.storage
-from flows.nightly import nightly
-from flows.retrain import retrain
-from flows.runners import with_task_runner
-from flows.score import score
-from flows.train import train
-from flows.watch import watch
-from padim.artifact import read_training_images, save_model
-from padim.config import PadimConfig
-from padim.engine import fit_images
-from padim.errors import ConfigError, InvalidProductNameError, ModelNotFoundError, PadimError
-from padim.landing import list_batches, marker_url
-from padim.products import read_product_settings, update_product_settings
-from padim.reports import query_reports, scored_images
-from padim.settings import TrainSettings
-from padim.store import ModelStore
-from padim.training import plan_training
-from tasks.events import (
+from padim_prefect.flows.nightly import nightly
+from padim_prefect.flows.retrain import retrain
+from padim_prefect.flows.runners import with_task_runner
+from padim_prefect.flows.score import score
+from padim_prefect.flows.train import train
+from padim_prefect.flows.watch import watch
+from padim_prefect.tasks.events import (
     DRIFT_DETECTED,
     INSPECTION_COMPLETED,
     MODEL_PUBLISHED,
     NORMAL_IMAGES_ADDED,
 )
+from pydantic import ValidationError
+
+import padim.core.backbones
+from padim.core.config import PadimConfig
+from padim.errors import ConfigError, InvalidProductNameError, ModelNotFoundError, PadimError
+from padim.io.artifact import read_training_images, save_model
+from padim.io.store import ModelStore
+from padim.jobs.engine import fit_images
+from padim.jobs.landing import list_batches, marker_url
+from padim.jobs.products import read_product_settings, update_product_settings
+from padim.jobs.training import plan_training
+from padim.reports import query_reports, scored_images
+from padim.settings import TrainSettings
 from tests.flow_helpers import (
     CHEAP_MODEL,
     events_named,
@@ -81,15 +81,17 @@ class Trained:
 def backbone_loads() -> Iterator[list[tuple[str, str | None, str]]]:
     """Count backbone constructions in this process, starting from an empty backbone cache."""
     calls: list[tuple[str, str | None, str]] = []
-    real = padim.backbones.load_backbone
+    real = padim.core.backbones.load_backbone
 
-    def counting(name: str, weights: str | None = None, device: Any = "cpu", *rest: Any) -> padim.backbones.Backbone:
+    def counting(
+        name: str, weights: str | None = None, device: Any = "cpu", *rest: Any
+    ) -> padim.core.backbones.Backbone:
         calls.append((name, weights, str(device)))
         return real(name, weights, device, *rest)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(padim.backbones, "_CACHE", {})
-        patch.setattr(padim.backbones, "load_backbone", counting)
+        patch.setattr(padim.core.backbones, "_CACHE", {})
+        patch.setattr(padim.core.backbones, "load_backbone", counting)
         yield calls
 
 
@@ -119,7 +121,7 @@ def clone_product(source: ModelStore, product: str, target: ModelStore, new_prod
     Returns:
         The new version.
     """
-    from padim.artifact import load_model
+    from padim.io.artifact import load_model
 
     model = load_model(source.latest_url(product), with_statistics=True)
     return target.publish(new_product, lambda url: save_model(model, url))
@@ -364,7 +366,7 @@ BAD_CALLS: dict[str, tuple[Callable[[Trained], Any], type[Exception], str]] = {
 def test_bad_parameters_fail_before_any_work(trained: Trained, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
     call, error, message = BAD_CALLS[case]
     listed: list[str] = []
-    monkeypatch.setattr(tasks.storage, "list_images", lambda url, *a, **k: listed.append(url) or [])
+    monkeypatch.setattr(padim_prefect.tasks.storage, "list_images", lambda url, *a, **k: listed.append(url) or [])
     store = trained.model_store
     versions_before = [v.version for v in store.versions(PRODUCT)]
 

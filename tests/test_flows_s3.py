@@ -5,18 +5,18 @@ from __future__ import annotations
 import fsspec
 import httpx
 import pytest
+from padim_prefect.flows.score import score
+from padim_prefect.flows.train import train
+from padim_prefect.flows.watch import watch
+from padim_prefect.tasks.events import NORMAL_IMAGES_ADDED
 
-from flows.score import score
-from flows.train import train
-from flows.watch import watch
-from padim.artifact import read_training_images
-from padim.fsio import exists
-from padim.landing import list_batches, marker_url
-from padim.products import update_product_settings
+from padim.io.artifact import read_training_images
+from padim.io.fsio import exists
+from padim.io.store import ModelStore
+from padim.jobs.landing import list_batches, marker_url
+from padim.jobs.products import update_product_settings
 from padim.reports import query_reports, scored_images
 from padim.settings import HEATMAP_ARTIFACTS
-from padim.store import ModelStore
-from tasks.events import NORMAL_IMAGES_ADDED
 from tests.flow_helpers import (
     CHEAP_MODEL,
     events_named,

@@ -1,4 +1,4 @@
-"""Tests for padim.fsio: URL joining, local atomic writes, S3 through AWS_ENDPOINT_URL only."""
+"""Tests for padim.io.fsio: URL joining, local atomic writes, S3 through AWS_ENDPOINT_URL only."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from padim import fsio
+from padim.io import fsio
 from tests.s3_server import s3_bucket, s3_endpoint  # noqa: F401
 
 

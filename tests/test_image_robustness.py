@@ -4,14 +4,14 @@
   interpretation x samples per pixel x bits per sample x sample format x extra samples, with a
   drawn compression and byte order), float TIFFs with and without NaN/infinity, PNGs over colour
   type x bit depth x palette x tRNS x interlace, and truncated and bit-flipped copies of well-formed
-  files - and reads each one with :func:`padim.images.read_image_record` (what the engine's loader
+  files - and reads each one with :func:`padim.io.loading.read_image_record` (what the engine's loader
   calls) and the model's real transform: no exception escapes, every file gives exactly one
   outcome, and no image with NaN or infinite float values is accepted.
 * Every PIL mode a camera or tool writes converts to 8-bit RGB, and the grayscale speed path
   (``keep_gray``) gives the transform the same pixels as the RGB path.
 * Special files (FIFOs, sockets, devices) are never listed and never block a read.
 * A night with a premultiplied-alpha TIFF, an all-NaN float TIFF, a truncated PNG and a FIFO is
-  scored by :func:`padim.engine.score_images` with one result per file.
+  scored by :func:`padim.jobs.engine.score_images` with one result per file.
 """
 
 from __future__ import annotations
@@ -34,13 +34,15 @@ import pytest
 import torch
 from PIL import Image
 
-from padim import images
-from padim.config import PadimConfig
-from padim.engine import score_images
+from padim.core.config import PadimConfig
+from padim.core.fitter import PadimFitter, build_model
+from padim.core.preprocessing import Preprocessor
 from padim.errors import ImageDecodeError
-from padim.images import ImageRecord, decode_image, iter_batches, list_images, read_image_record
-from padim.model import PadimFitter, build_model
-from padim.preprocessing import Preprocessor
+from padim.io import decoding
+from padim.io.decoding import decode_image
+from padim.io.listing import list_images
+from padim.io.loading import ImageRecord, iter_batches, load_pil, read_image_record
+from padim.jobs.engine import score_images
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:PIL")  # PIL's notes on the corrupt files
 
@@ -583,7 +585,7 @@ CAMERA_MODES = (
 @pytest.mark.parametrize("mode", CAMERA_MODES)
 def test_every_camera_mode_converts_to_8bit_and_keep_gray_gives_the_same_tensor(mode: str) -> None:
     source = mode_image(mode)
-    converted = images._to_gray_or_rgb(source)
+    converted = decoding._to_gray_or_rgb(source)
     assert converted.mode in ("L", "RGB") and converted.size == source.size
     rgb = converted if converted.mode == "RGB" else converted.convert("RGB")
     transform = engine_transform()
@@ -596,8 +598,8 @@ def test_premultiplied_alpha_matches_straight_alpha_composited_on_black() -> Non
     straight = Image.fromarray(rng.integers(0, 256, (5, 7, 4), dtype=np.uint8))
     straight.putpixel((0, 0), (200, 180, 160, 0))
     for straight_mode, premultiplied_mode in (("LA", "La"), ("RGBA", "RGBa")):
-        plain = images._to_gray_or_rgb(straight.convert(straight_mode))
-        premultiplied = images._to_gray_or_rgb(straight.convert(straight_mode).convert(premultiplied_mode))
+        plain = decoding._to_gray_or_rgb(straight.convert(straight_mode))
+        premultiplied = decoding._to_gray_or_rgb(straight.convert(straight_mode).convert(premultiplied_mode))
         difference = np.abs(np.asarray(plain, dtype=int) - np.asarray(premultiplied, dtype=int))
         assert premultiplied.mode == plain.mode and difference.max() <= 1
         assert np.asarray(premultiplied)[0, 0].max() == 0  # transparent is black
@@ -661,7 +663,7 @@ def test_any_exception_while_converting_becomes_the_files_decode_error(monkeypat
     def broken(image: Image.Image) -> Image.Image:
         raise ValueError("conversion from La to L not supported")
 
-    monkeypatch.setattr(images, "_to_gray_or_rgb", broken)
+    monkeypatch.setattr(decoding, "_to_gray_or_rgb", broken)
     with pytest.raises(ImageDecodeError) as caught:
         decode_image(encode(Image.new("RGB", (4, 4)), "PNG"), "night/cam3.png")
     assert "cam3.png" in str(caught.value)
@@ -686,14 +688,14 @@ def test_fifo_socket_and_device_are_not_listed_and_never_block_a_read(
         if len(str(sock_path)) < 100:  # AF_UNIX path length limit
             sock.bind(str(sock_path))
             special.append(sock_path)
-        with fail_after(20, fifo), caplog.at_level("WARNING", logger="padim.images"):
+        with fail_after(20, fifo), caplog.at_level("WARNING", logger="padim.io.listing"):
             assert list_images(str(tmp_path)) == [str(good)]
             for path in special:
                 assert str(path) in caplog.text
                 record, tensor = read_image_record(str(path), engine_transform())
                 assert tensor is None and record.error is not None and "not a regular file" in record.error
                 with pytest.raises(ImageDecodeError, match="not a regular file"):
-                    images.load_pil(str(path))
+                    load_pil(str(path))
 
 
 def test_fifo_in_the_loader_fails_fast(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Tests for padim.images: listing, decoding every supported and bad kind, background loading."""
+"""Tests for padim.io.listing, decoding and loading: listing, decoding every kind of file, background loading."""
 
 from __future__ import annotations
 
@@ -17,17 +17,11 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageFile
 
-from padim import images
 from padim.errors import ConfigError, ImageDecodeError, ImageSourceError
-from padim.fsio import url_to_fs
-from padim.images import (
-    ImageRecord,
-    decode_image,
-    iter_batches,
-    list_images,
-    load_pil,
-    read_image_record,
-)
+from padim.io.decoding import decode_image
+from padim.io.fsio import url_to_fs
+from padim.io.listing import list_images
+from padim.io.loading import ImageRecord, default_num_workers, iter_batches, load_pil, read_image_record
 from tests.s3_server import s3_bucket, s3_endpoint  # noqa: F401
 
 SIDE = 16
@@ -499,7 +493,7 @@ def test_loader_reads_from_s3(s3_bucket: str) -> None:  # noqa: F811
 
 
 def test_default_workers_positive() -> None:
-    assert 1 <= images.default_num_workers() <= 16
+    assert 1 <= default_num_workers() <= 16
 
 
 # ---- decoding speed-ups that must not change a pixel -------------------------------------------------------
@@ -507,7 +501,7 @@ def test_default_workers_positive() -> None:
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_plain_pngs_inflated_by_libspng_equal_pils_pixels(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import padim.images
+    import padim.io.decoding
 
     pytest.importorskip("pyspng")
     rng = np.random.default_rng(11)
@@ -517,20 +511,20 @@ def test_plain_pngs_inflated_by_libspng_equal_pils_pixels(mode: str, monkeypatch
     Image.fromarray(pixels, mode=mode).save(buffer, format="PNG", compress_level=6)
     data = buffer.getvalue()
     calls: list[int] = []
-    real = padim.images._spng.load
-    monkeypatch.setattr(padim.images._spng, "load", lambda d: calls.append(1) or real(d))
+    real = padim.io.decoding._spng.load
+    monkeypatch.setattr(padim.io.decoding._spng, "load", lambda d: calls.append(1) or real(d))
 
     fast = decode_image(data, "x.png", keep_gray=True)
 
     assert calls == [1] and fast.mode == mode
     assert np.array_equal(np.asarray(fast), pixels)
-    monkeypatch.setattr(padim.images, "_spng", None)  # PIL's own decoder
+    monkeypatch.setattr(padim.io.decoding, "_spng", None)  # PIL's own decoder
     slow = decode_image(data, "x.png", keep_gray=True)
     assert np.array_equal(np.asarray(slow), np.asarray(fast))
 
 
 def test_pngs_with_transparency_or_palette_keep_pils_path() -> None:
-    import padim.images
+    import padim.io.decoding
 
     rgba = Image.fromarray(np.full((8, 8, 4), 200, dtype=np.uint8), mode="RGBA")
     palette = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8), mode="L").convert("P")
@@ -538,12 +532,12 @@ def test_pngs_with_transparency_or_palette_keep_pils_path() -> None:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         with Image.open(io.BytesIO(buffer.getvalue())) as opened:
-            assert padim.images._inflate_plain_png(opened, buffer.getvalue()) is None
+            assert padim.io.decoding._inflate_plain_png(opened, buffer.getvalue()) is None
 
 
 def test_grayscale_images_resized_before_the_channel_copy_give_the_same_tensor(shared_dir: Path) -> None:
-    from padim.config import PadimConfig
-    from padim.preprocessing import Preprocessor
+    from padim.core.config import PadimConfig
+    from padim.core.preprocessing import Preprocessor
 
     files = sorted((shared_dir / "datasets" / "magnetic_tile" / "train" / "good").glob("*.jpg"))[:5]
     rng = np.random.default_rng(12)

@@ -1,6 +1,6 @@
 """Invariance: the same images give the same scores, maps and statistics however the work is split.
 
-A fitted model is shared by every task thread of a process (``padim.inspection.cached_model``), so
+A fitted model is shared by every task thread of a process (``padim.jobs.inspection.cached_model``), so
 these tests run what ships - the default configuration (EfficientNet-Lite0 with its packaged
 ImageNet weights, 224 px, every channel), the engine's own functions and the real score flow - on a
 night of more images than one shard, and compare against one reference pass:
@@ -28,20 +28,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from padim_prefect.flows.runners import with_task_runner
+from padim_prefect.flows.score import score
+from padim_prefect.flows.train import train
 
-from flows.runners import with_task_runner
-from flows.score import score
-from flows.train import train
-from padim.artifact import load_model
-from padim.config import PadimConfig
-from padim.engine import fit_images, score_images
-from padim.images import iter_batches
-from padim.inspection import cached_model
-from padim.model import PadimFitter, PadimModel
+from padim.core.config import PadimConfig
+from padim.core.fitter import PadimFitter
+from padim.core.model import PadimModel
+from padim.core.statistics import GaussianAccumulator
+from padim.io.artifact import load_model
+from padim.io.loading import iter_batches
+from padim.jobs.engine import fit_images, score_images
+from padim.jobs.inspection import cached_model
+from padim.jobs.training import fit_shard, merge_partials
 from padim.reports import query_reports
 from padim.settings import ScoreSettings, TrainSettings
-from padim.statistics import GaussianAccumulator
-from padim.training import fit_shard, merge_partials
 from tests.flow_helpers import local_dir, write_images
 
 pytest_plugins = ["tests.prefect_harness"]
@@ -206,7 +207,7 @@ def assert_statistics(
 
 @pytest.mark.slow
 def test_fit_statistics_equal_numpy_for_every_batch_size_and_path(reference: Reference) -> None:
-    from padim.images import list_images
+    from padim.io.listing import list_images
 
     uris = list_images(reference.normal)
     config = PadimConfig()  # what ships
@@ -220,7 +221,7 @@ def test_fit_statistics_equal_numpy_for_every_batch_size_and_path(reference: Ref
 
 @pytest.mark.slow
 def test_fit_statistics_merged_from_shards_equal_numpy_for_every_shard_size(reference: Reference) -> None:
-    from padim.images import list_images
+    from padim.io.listing import list_images
 
     uris = list_images(reference.normal)
     # Partial statistics of the default model are ~0.4 GB each; a 64 px input with 40 of the

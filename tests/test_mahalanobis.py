@@ -11,10 +11,11 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import mahalanobis
 from sklearn.covariance import oas
 
-from padim.anomaly_map import image_scores
-from padim.config import PadimConfig
-from padim.features import FeatureBatch
-from padim.mahalanobis import (
+from padim.core.anomaly_map import image_scores
+from padim.core.config import PadimConfig
+from padim.core.features import FeatureBatch
+from padim.core.fitter import build_model
+from padim.core.mahalanobis import (
     is_lower_triangular,
     mahalanobis_distances,
     row_blocks,
@@ -22,8 +23,7 @@ from padim.mahalanobis import (
     whitening_factor,
     whitening_from_accumulator,
 )
-from padim.model import build_model
-from padim.statistics import GaussianAccumulator
+from padim.core.statistics import GaussianAccumulator
 
 B, D, H, W = 3, 6, 2, 3
 P = H * W

@@ -1,4 +1,4 @@
-"""Tests of padim.metrics against scikit-learn and hand-computed cases."""
+"""Tests of padim.evaluation.metrics against scikit-learn and hand-computed cases."""
 
 from __future__ import annotations
 
@@ -6,17 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
-from padim.metrics import (
-    PixelCurve,
-    aupro,
-    f1_max,
-    image_auroc,
-    image_auroc_per_kind,
-    label_regions,
-    pixel_auroc,
-    rates_at_threshold,
-    roc_points,
-)
+from padim.evaluation.metrics import f1_max, image_auroc, image_auroc_per_kind, rates_at_threshold, roc_points
+from padim.evaluation.pixel_metrics import PixelCurve, aupro, label_regions, pixel_auroc
 
 
 def _random_pixels(seed: int = 0, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,6 @@
 """``padim evaluate`` measures what ships: on MVTec AD bottle it gives the figures of the train and score flows.
 
-Evaluation (:func:`padim.evaluation.run_evaluation`, what ``padim evaluate`` runs with its defaults)
+Evaluation (:func:`padim.evaluation.run.run_evaluation`, what ``padim evaluate`` runs with its defaults)
 and the train + score flows (what ``padim train`` / ``padim score`` run with theirs) go through the
 same engine, the same hold-out split, the same calibration and the same defaults: the thresholds and
 every test image's score must agree, and the accuracy they imply must be the published one. About
@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from padim_prefect.flows.score import score
+from padim_prefect.flows.train import train
 from sklearn.metrics import roc_auc_score
 
-from flows.score import score
-from flows.train import train
-from padim.evaluation import run_evaluation, summarize
+from padim.evaluation.results import summarize
+from padim.evaluation.run import run_evaluation
 from padim.reports import query_reports
 
 pytest_plugins = ["tests.prefect_harness"]

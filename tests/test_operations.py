@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from padim_prefect.flows.nightly import nightly
 
-from flows.nightly import nightly
 from padim.errors import ConfigError, PadimError
-from padim.products import update_product_settings
-from padim.store import ModelStore
+from padim.io.store import ModelStore
+from padim.jobs.products import update_product_settings
 from tests.flow_helpers import CHEAP_MODEL, flow_run_warnings, local_dir, write_images
 
 pytest_plugins = ["tests.prefect_harness"]
@@ -27,7 +27,7 @@ DAY = "2026-11-24"
 @pytest.fixture(scope="module")
 def trained_store(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
     """A store with ``line`` trained (no incoming folder configured yet)."""
-    from flows.train import train
+    from padim_prefect.flows.train import train
 
     root = tmp_path_factory.mktemp("ops")
     normal = local_dir(root / "normal")

@@ -172,7 +172,7 @@ def test_photometry_changes_the_image_but_not_the_mask():
 
 
 def test_the_layout_is_preserved_and_read_by_the_loader(toy_dataset: Path, tmp_path: Path):
-    from padim.evaluation import discover_layout
+    from padim.evaluation.mvtec import discover_layout
 
     out = perturbation.ensure_perturbed(toy_dataset, "any_angle", seed=0, cache_dir=tmp_path)
     source = {Path(p).with_suffix(".png").as_posix() for p in _files(toy_dataset) if not p.endswith(".txt")}

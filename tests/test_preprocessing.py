@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from padim.backbones import get_spec, load_backbone
-from padim.config import PadimConfig
-from padim.features import FeatureExtractor
-from padim.model import new_projector
-from padim.preprocessing import Preprocessor, compute_geometry, input_to_original_xy, map_to_original
+from padim.core.backbones import get_spec, load_backbone
+from padim.core.config import PadimConfig
+from padim.core.features import FeatureExtractor
+from padim.core.geometry import new_projector
+from padim.core.preprocessing import Preprocessor, compute_geometry, input_to_original_xy, map_to_original
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 
 from padim.errors import ConfigError, ModelNotFoundError
-from padim.fsio import join_url, read_bytes, url_to_fs
-from padim.promotion import decide, grow_pool, pool_url, read_pool
+from padim.io.fsio import join_url, read_bytes, url_to_fs
+from padim.io.manifest import write_manifest
+from padim.io.store import ModelStore
+from padim.io.store_layout import CANDIDATES_FILE
+from padim.jobs.promotion import decide, grow_pool, pool_url, read_pool
 from padim.settings import GateSettings, RetentionSettings
-from padim.store import CANDIDATES_FILE, ModelStore, write_manifest
 from tests.flow_helpers import (
     CHEAP_MODEL,
     events_named,
@@ -168,7 +170,7 @@ def write_noisy(folder: str, n: int, seed: int, noise: float) -> None:
 
 def retrain_cpu(**kwargs: Any) -> dict[str, Any]:
     """Run the retrain flow on the CPU with a batch size that keeps embeddings bitwise stable."""
-    from flows.retrain import retrain
+    from padim_prefect.flows.retrain import retrain
 
     return retrain(device="cpu", batch_size=1, **kwargs)
 
@@ -176,10 +178,11 @@ def retrain_cpu(**kwargs: Any) -> dict[str, Any]:
 def test_retrains_pass_or_stay_candidates_and_a_person_can_promote(
     prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from flows.train import train
-    from padim.products import update_product_settings
+    from padim_prefect.flows.train import train
+    from padim_prefect.tasks.events import MODEL_PUBLISHED, MODEL_REJECTED
+
+    from padim.jobs.products import update_product_settings
     from padim_cli.main import main
-    from tasks.events import MODEL_PUBLISHED, MODEL_REJECTED
 
     events = record_events(monkeypatch)
     root = str(tmp_path / "store")
@@ -241,8 +244,9 @@ def test_retrains_pass_or_stay_candidates_and_a_person_can_promote(
 def test_retention_after_publish_and_the_gate_switched_off(
     prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.train import train
-    from padim.products import update_product_settings
+    from padim_prefect.flows.train import train
+
+    from padim.jobs.products import update_product_settings
 
     root = str(tmp_path / "store")
     store = ModelStore(root)
@@ -293,7 +297,7 @@ def write_dir(path: Path, n: int, seed: int) -> str:
 def test_configure_sets_the_gate_retention_and_drift_of_one_product(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from padim.products import read_product_settings
+    from padim.jobs.products import read_product_settings
     from padim_cli.main import main
 
     root = str(tmp_path / "store")

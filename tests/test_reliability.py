@@ -22,19 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import padim_prefect.tasks.events
+import padim_prefect.tasks.promotion
+import padim_prefect.tasks.scoring
+import padim_prefect.tasks.storage
+import padim_prefect.tasks.training
 import pytest
 import torch
+from padim_prefect.flows.retrain import retrain
+from padim_prefect.flows.score import score
+from padim_prefect.flows.train import train
 
-import tasks.events
-import tasks.promotion
-import tasks.scoring
-import tasks.storage
-import tasks.training
-from flows.retrain import retrain
-from flows.score import score
-from flows.train import train
-from padim.artifact import MANIFEST, MODEL_FILE, TRAINING_FILE, load_model
-from padim.engine import summarise_batch
 from padim.errors import (
     IncompatibleModelError,
     InvalidProductNameError,
@@ -43,12 +41,15 @@ from padim.errors import (
     PadimError,
     StoreError,
 )
-from padim.images import ImageRecord
-from padim.inspection import cached_model, heatmap_url
+from padim.io.artifact import MANIFEST, MODEL_FILE, TRAINING_FILE, load_model
+from padim.io.loading import ImageRecord
+from padim.io.store import ModelStore
+from padim.io.store_layout import LATEST_POINTER
+from padim.jobs.engine import summarise_batch
+from padim.jobs.inspection import cached_model, heatmap_url
+from padim.jobs.training import plan_training
 from padim.reports import list_report_files, make_ok_row, query_reports, scored_images, write_report_rows
 from padim.settings import ScoreSettings, TrainSettings
-from padim.store import LATEST_POINTER, ModelStore
-from padim.training import plan_training
 from tests.reliability_support import (
     BAD_FILES,
     CHEAP_MODEL,
@@ -422,13 +423,13 @@ def test_non_finite_anomaly_maps_become_error_rows(
     trained: TrainedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The model produces NaN / +inf / -inf maps for three images: the guard makes them error rows."""
-    import padim.engine
+    import padim.jobs.engine
 
     night = tmp_path / "night"
     write_images(str(night), 3, seed=7, prefix="fine")
     poisoned = NON_FINITE_MAPS
     write_defective(night, list(poisoned))
-    real = padim.engine.summarise_batch
+    real = padim.jobs.engine.summarise_batch
 
     def poisoning(model: Any, records: Any, maps: torch.Tensor, keep_maps: str) -> Any:
         maps = maps.clone()
@@ -438,7 +439,7 @@ def test_non_finite_anomaly_maps_become_error_rows(
                 maps[i, 3, 5] = value
         return real(model, records, maps, keep_maps)
 
-    monkeypatch.setattr(padim.engine, "summarise_batch", poisoning)
+    monkeypatch.setattr(padim.jobs.engine, "summarise_batch", poisoning)
     store = trained.copy_to(tmp_path / "store")
 
     result = score_folder(store, str(night))
@@ -629,8 +630,8 @@ def test_no_pickle_no_unsafe_load_and_no_eval_in_the_sources() -> None:
 
 
 def test_weights_files_are_loaded_with_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from padim.backbones import load_backbone, weights
-    from padim.backbones.resnet import build_resnet
+    from padim.core.backbones import load_backbone, weights
+    from padim.core.backbones.resnet import build_resnet
 
     path = tmp_path / "resnet18.pth"
     torch.save(build_resnet("resnet18").state_dict(), path)  # a weights file as torchvision ships it
@@ -656,7 +657,13 @@ def test_no_task_result_is_pickled_by_prefect() -> None:
 
     found = [
         value
-        for module in (tasks.events, tasks.promotion, tasks.scoring, tasks.storage, tasks.training)
+        for module in (
+            padim_prefect.tasks.events,
+            padim_prefect.tasks.promotion,
+            padim_prefect.tasks.scoring,
+            padim_prefect.tasks.storage,
+            padim_prefect.tasks.training,
+        )
         for value in vars(module).values()
         if isinstance(value, Task)
     ]
@@ -665,11 +672,11 @@ def test_no_task_result_is_pickled_by_prefect() -> None:
         assert task.persist_result is False, task.name
         assert task.cache_policy is NO_CACHE, task.name
         assert task.result_serializer == "json", task.name
-    from flows.nightly import nightly
-    from flows.retrain import retrain
-    from flows.score import score
-    from flows.train import train
-    from flows.watch import watch
+    from padim_prefect.flows.nightly import nightly
+    from padim_prefect.flows.retrain import retrain
+    from padim_prefect.flows.score import score
+    from padim_prefect.flows.train import train
+    from padim_prefect.flows.watch import watch
 
     for flow in (nightly, retrain, score, train, watch):
         assert flow.persist_result is False and flow.result_serializer == "json", flow.name

@@ -25,23 +25,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import padim_prefect.flows.score
+import padim_prefect.tasks.scoring
+import padim_prefect.tasks.training
 import pytest
+from padim_prefect.flows.runners import with_task_runner
+from padim_prefect.flows.score import score
+from padim_prefect.flows.train import train
+from padim_prefect.tasks.scoring import already_scored_task, score_shard_task
+from padim_prefect.tasks.storage import list_images_task, remove_work_area_task
+from padim_prefect.tasks.training import finalize_and_publish_task, fit_shard_task
 
-import flows.score
-import padim.fsio
-import padim.images
-import padim.inspection
-import tasks.scoring
-import tasks.training
-from flows.runners import with_task_runner
-from flows.score import score
-from flows.train import train
+import padim.io.fsio
+import padim.io.reading
+import padim.jobs.inspection
 from padim.errors import ConfigError, ImageReadError, IncompleteRunError, ModelNotFoundError, PadimError, StoreError
+from padim.io.store import ModelStore
+from padim.io.store_layout import COMPLETE_MARKER, LATEST_POINTER
 from padim.reports import daily_summary, list_report_files, query_reports
-from padim.store import COMPLETE_MARKER, LATEST_POINTER, ModelStore
-from tasks.scoring import already_scored_task, score_shard_task
-from tasks.storage import list_images_task, remove_work_area_task
-from tasks.training import finalize_and_publish_task, fit_shard_task
 from tests.reliability_support import (
     CHEAP_MODEL,
     DAY,
@@ -129,13 +130,13 @@ class Calls:
 def record_shard_attempts(monkeypatch: pytest.MonkeyPatch) -> Calls:
     """Record every attempt of the score task (the library call it wraps)."""
     calls = Calls()
-    real = tasks.scoring.score_shard
+    real = padim_prefect.tasks.scoring.score_shard
 
     def counted(store: Any, product: str, model_url: str, version: str, uris: list[str], *rest: Any) -> Any:
         calls.calls.append((time.monotonic(), uris[0]))
         return real(store, product, model_url, version, uris, *rest)
 
-    monkeypatch.setattr(tasks.scoring, "score_shard", counted)
+    monkeypatch.setattr(padim_prefect.tasks.scoring, "score_shard", counted)
     return calls
 
 
@@ -290,7 +291,7 @@ def test_s3_failing_while_a_model_is_published_retries_then_fails_and_nothing_be
     fast_retries(monkeypatch, finalize_and_publish_task, remove_work_area_task, fit_shard_task, list_images_task)
     publishes = Calls()
     publish_errors: list[BaseException] = []
-    real_publish = tasks.training.finalize_and_publish
+    real_publish = padim_prefect.tasks.training.finalize_and_publish
 
     def counted_publish(*args: Any, **kwargs: Any) -> Any:
         publishes.calls.append((time.monotonic(), "publish"))
@@ -300,7 +301,7 @@ def test_s3_failing_while_a_model_is_published_retries_then_fails_and_nothing_be
             publish_errors.append(exc)
             raise
 
-    monkeypatch.setattr(tasks.training, "finalize_and_publish", counted_publish)
+    monkeypatch.setattr(padim_prefect.tasks.training, "finalize_and_publish", counted_publish)
     outage = Outage(endpoint=own_s3.endpoint, key_fragment=f"/{PRODUCT}/models/")
     outage.install(monkeypatch)
 
@@ -340,7 +341,7 @@ def test_s3_endpoint_stopping_mid_score_retries_then_fails_and_the_rerun_complet
     images = write_images(local_dir(tmp_path / "night"), 6, seed=11, prefix="s3")
     fast_retries(monkeypatch, score_shard_task)
     attempts = record_shard_attempts(monkeypatch)
-    real_write = padim.inspection.write_report_rows
+    real_write = padim.jobs.inspection.write_report_rows
     written: list[str] = []
 
     def write_then_stop(*args: Any, **kwargs: Any) -> list[str]:
@@ -349,7 +350,7 @@ def test_s3_endpoint_stopping_mid_score_retries_then_fails_and_the_rerun_complet
         own_s3.stop()  # the endpoint dies right after the first shard's report landed
         return files
 
-    monkeypatch.setattr(padim.inspection, "write_report_rows", write_then_stop)
+    monkeypatch.setattr(padim.jobs.inspection, "write_report_rows", write_then_stop)
     one_thread = with_task_runner(score, "threads", workers=1)
     night = str(tmp_path / "night")
 
@@ -362,7 +363,7 @@ def test_s3_endpoint_stopping_mid_score_retries_then_fails_and_the_rerun_complet
     assert_backoff(attempts.gaps(images[2]))
     own_s3.start()  # the endpoint is back, with what it had stored
     s3fs.S3FileSystem.clear_instance_cache()
-    monkeypatch.setattr(padim.inspection, "write_report_rows", real_write)
+    monkeypatch.setattr(padim.jobs.inspection, "write_report_rows", real_write)
     partition = f"{own_s3.bucket}/store/reports/product={PRODUCT}/date={DAY}"
     assert [f"s3://{p}" for p in s3fs.S3FileSystem().find(partition)] == written  # no partial object
     assert sorted(query_reports(store, product=PRODUCT)["image_uri"]) == images[:2]
@@ -390,7 +391,7 @@ def test_a_transient_disk_error_while_writing_a_report_is_retried_without_duplic
             raise OSError(28, "No space left on device", str(dst))
         real_replace(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(padim.fsio.os, "replace", replace_fails_once)
+    monkeypatch.setattr(padim.io.fsio.os, "replace", replace_fails_once)
 
     result = score(product=PRODUCT, images_url=str(tmp_path / "night"), store=store, date=DAY, device="cpu")
 
@@ -422,7 +423,7 @@ def replace_or_die(src, dst, *args, **kwargs):
 
 
 os.replace = replace_or_die
-from flows.score import score
+from padim_prefect.flows.score import score
 
 score(product={product!r}, images_url={images!r}, store={store!r}, date={day!r}, device="cpu", shard_size=2)
 print("the run was not killed")
@@ -524,14 +525,14 @@ def test_two_score_runs_of_the_same_night_at_once_show_one_row_per_image(
     night = tmp_path / "night"
     images = write_images(local_dir(night), 4, 2, seed=14, prefix="twice")
     barrier = threading.Barrier(2, timeout=300)
-    real_plan = flows.score.plan_scoring
+    real_plan = padim_prefect.flows.score.plan_scoring
 
     def plan_together(*args: Any, **kwargs: Any) -> Any:
         barrier.wait()  # both runs have read "already scored" before either writes a row
         return real_plan(*args, **kwargs)
 
-    monkeypatch.setattr(flows.score, "plan_scoring", plan_together)
-    real_write = padim.inspection.write_report_rows
+    monkeypatch.setattr(padim_prefect.flows.score, "plan_scoring", plan_together)
+    real_write = padim.jobs.inspection.write_report_rows
     written: list[int] = []
 
     def counted_write(store_url: str, rows: list[dict[str, Any]], **kwargs: Any) -> list[str]:
@@ -539,7 +540,7 @@ def test_two_score_runs_of_the_same_night_at_once_show_one_row_per_image(
         written.append(len(rows))
         return files
 
-    monkeypatch.setattr(padim.inspection, "write_report_rows", counted_write)
+    monkeypatch.setattr(padim.jobs.inspection, "write_report_rows", counted_write)
     results: list[dict[str, Any]] = []
     errors: list[BaseException] = []
 
@@ -575,7 +576,7 @@ def test_two_score_runs_of_the_same_night_at_once_show_one_row_per_image(
     assert done.returncode == 0, done.stderr
     cli_rows = json.loads(done.stdout)
     assert sorted(r["image_uri"] for r in cli_rows) == sorted(images)
-    monkeypatch.setattr(flows.score, "plan_scoring", real_plan)
+    monkeypatch.setattr(padim_prefect.flows.score, "plan_scoring", real_plan)
     third = score(product=PRODUCT, images_url=str(night), store=store, date=DAY, device="cpu")
     assert third["n_skipped"] == len(images) and third["n_scored"] == 0
 
@@ -601,7 +602,7 @@ def fail_reads(monkeypatch: pytest.MonkeyPatch, uri: str, times: int | None = No
         return real(self, path, *args, **kwargs)
 
     monkeypatch.setattr(LocalFileSystem, "cat_file", flaky)
-    monkeypatch.setattr(padim.images, "READ_RETRY_WAIT_S", 0.01)
+    monkeypatch.setattr(padim.io.reading, "READ_RETRY_WAIT_S", 0.01)
     return failures
 
 
@@ -620,7 +621,7 @@ def test_a_storage_fault_reading_an_image_fails_only_its_shard_then_the_rerun_co
 
     assert images[2] in str(raised.value) and "storage endpoint unreachable" in str(raised.value)
     assert attempts.per_shard()[images[2]] == 4  # the task ran once and was retried three times
-    assert len(failures) == 4 * padim.images.READ_ATTEMPTS  # each attempt re-read the file before giving up
+    assert len(failures) == 4 * padim.io.reading.READ_ATTEMPTS  # each attempt re-read the file before giving up
     rows = query_reports(store, product=PRODUCT)
     assert sorted(rows["image_uri"]) == sorted(images[:2] + images[4:])  # the other shards' rows stand
     assert set(rows["status"]) == {"ok"}  # the fault is not disguised as a bad image
@@ -639,11 +640,11 @@ def test_a_transient_read_fault_is_retried_inside_the_read(
     night = local_dir(tmp_path / "night")
     images = write_images(night, 3, seed=16, prefix="blip")
     attempts = record_shard_attempts(monkeypatch)
-    failures = fail_reads(monkeypatch, images[1], times=padim.images.READ_ATTEMPTS - 1)
+    failures = fail_reads(monkeypatch, images[1], times=padim.io.reading.READ_ATTEMPTS - 1)
 
     result = score(product=PRODUCT, images_url=night, store=store, date=DAY, device="cpu")
 
-    assert len(failures) == padim.images.READ_ATTEMPTS - 1
+    assert len(failures) == padim.io.reading.READ_ATTEMPTS - 1
     assert result["n_scored"] == 3 and result["n_errors"] == 0
     assert attempts.per_shard()[images[0]] == 1  # no task retry was needed
     assert_one_row_per_image(store, images)
@@ -670,7 +671,7 @@ def test_a_read_that_hangs_times_out_fails_its_shard_then_the_rerun_completes(
         return real(self, path, *args, **kwargs)
 
     monkeypatch.setattr(LocalFileSystem, "cat_file", hanging)
-    monkeypatch.setattr(padim.images, "READ_RETRY_WAIT_S", 0.01)
+    monkeypatch.setattr(padim.io.reading, "READ_RETRY_WAIT_S", 0.01)
     monkeypatch.setenv("PADIM_READ_TIMEOUT_S", "0.3")
     started = time.monotonic()
     try:
@@ -681,7 +682,7 @@ def test_a_read_that_hangs_times_out_fails_its_shard_then_the_rerun_completes(
         released.set()
 
     assert "no answer from storage within 0.3 s (PADIM_READ_TIMEOUT_S)" in str(raised.value)
-    assert len(hung) == 4 * padim.images.READ_ATTEMPTS  # 4 task attempts, each read 3 times, each timed out
+    assert len(hung) == 4 * padim.io.reading.READ_ATTEMPTS  # 4 task attempts, each read 3 times, each timed out
     assert elapsed < 60  # bounded by the timeouts, not by the hung reads
     rows = query_reports(store, product=PRODUCT)
     assert sorted(rows["image_uri"]) == sorted(images[2:])  # the other shard's rows stand, no error rows
@@ -697,7 +698,7 @@ def test_a_read_that_hangs_times_out_fails_its_shard_then_the_rerun_completes(
 def test_a_bad_read_timeout_setting_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("PADIM_READ_TIMEOUT_S", value)
     with pytest.raises(ConfigError, match="PADIM_READ_TIMEOUT_S must be a positive number of seconds"):
-        padim.images.read_timeout_s()
+        padim.io.reading.read_timeout_s()
 
 
 def test_a_storage_fault_reading_a_training_image_fails_the_run_and_publishes_nothing(
@@ -752,10 +753,10 @@ def test_an_image_read_error_survives_being_sent_between_processes() -> None:
 def test_store_errors_are_retried_and_user_errors_are_not() -> None:
     """The retry condition the storage tests rely on."""
     from botocore.exceptions import EndpointConnectionError
+    from padim_prefect.tasks.policy import is_transient
     from prefect.states import Failed
 
     from padim.errors import ImageSourceError, IncompatibleModelError
-    from tasks.policy import is_transient
 
     def state(error: BaseException) -> Any:
         return Failed(data=error)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from padim_prefect.flows.score import score
 
 import padim.reports.query
-from flows.score import score
 from padim.reports import query_reports
 from tests.flow_helpers import png_bytes, texture
 from tests.reliability_support import PRODUCT, TrainedStore, fast_retries, local_dir, trained_store, write_images
@@ -117,24 +117,24 @@ def test_the_already_scored_lookup_reads_only_the_nights_partition(
 def test_a_failed_compaction_is_retried_by_the_next_run(
     trained: TrainedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tasks.scoring
+    import padim_prefect.tasks.scoring
 
     store = trained.copy_to(tmp_path / "store")
     night = local_dir(tmp_path / "night")
     images = write_images(night, 4, seed=34, prefix="compact")
     partition = Path(store) / "reports" / f"product={PRODUCT}" / f"date={NIGHT_1}"
-    real = tasks.scoring.compact_partition
+    real = padim_prefect.tasks.scoring.compact_partition
 
     def failing(*args: object, **kwargs: object) -> None:
         raise OSError("disk full while compacting")
 
-    monkeypatch.setattr(tasks.scoring, "compact_partition", failing)
-    fast_retries(monkeypatch, tasks.scoring.compact_partition_task)
+    monkeypatch.setattr(padim_prefect.tasks.scoring, "compact_partition", failing)
+    fast_retries(monkeypatch, padim_prefect.tasks.scoring.compact_partition_task)
     first = run(store, night, NIGHT_1)  # shards of 2: two report files, compaction fails (a warning)
     assert first["n_scored"] == len(images)
     assert len(list(partition.glob("*.parquet"))) == 2
 
-    monkeypatch.setattr(tasks.scoring, "compact_partition", real)
+    monkeypatch.setattr(padim_prefect.tasks.scoring, "compact_partition", real)
     again = run(store, night, NIGHT_1)  # nothing new to score, but the partition is compacted now
     assert (again["n_scored"], again["n_skipped"]) == (0, len(images)) and again["report_files"] == []
     assert len(list(partition.glob("*.parquet"))) == 1

@@ -28,7 +28,7 @@ What was learned by experiment (Prefect 3.9, prefect-dask 0.3, distributed 2026.
   embed with one thread: the scores then differ from the threads runner's by up to 3e-7
   relative (inside the score tolerance) but the statistics' ``mean`` by 5.3e-6 (1.7e-7 of its
   magnitude), which the 1e-9 statistics check catches. With it, and on the LocalCluster
-  (:func:`flows.runners.worker_thread_env`), the scores are bit-identical to the threads
+  (:func:`padim_prefect.flows.runners.worker_thread_env`), the scores are bit-identical to the threads
   runner's.
 * **A default ``distributed.Client`` in the flow's process hijacks the LocalCluster runner.**
   ``DaskTaskRunner`` without an address first asks ``distributed.get_client()``; a client to
@@ -57,11 +57,11 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pytest
+from padim_prefect.flows.runners import with_task_runner
+from padim_prefect.flows.score import score
+from padim_prefect.flows.train import train
 
-from flows.runners import with_task_runner
-from flows.score import score
-from flows.train import train
-from padim.artifact import read_training_images
+from padim.io.artifact import read_training_images
 from padim.reports import list_report_files, query_reports
 from tests.flow_helpers import max_abs_difference, read_statistics, write_images
 from tests.s3_server import s3_bucket, s3_endpoint  # noqa: F401

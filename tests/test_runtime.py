@@ -21,12 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
-import padim.backbones.runtime as runtime_module
-from padim.backbones import get_backbone, load_backbone, resolve_runtime
-from padim.config import PadimConfig
+import padim.core.backbones.runtime as runtime_module
+from padim.core.backbones import get_backbone, load_backbone, resolve_runtime
+from padim.core.config import PadimConfig
+from padim.core.fitter import PadimFitter, build_model
+from padim.core.preprocessing import Preprocessor
 from padim.errors import ConfigError
-from padim.model import PadimFitter, build_model
-from padim.preprocessing import Preprocessor
 from tests.flow_helpers import texture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,8 +188,8 @@ import multiprocessing, os, sys
 started = []
 multiprocessing.Process.start = lambda self: started.append(repr(self))
 os.fork = lambda: started.append("fork") or 0
-from padim.backbones import load_backbone
-from padim.backbones import runtime
+from padim.core.backbones import load_backbone
+from padim.core.backbones import runtime
 assert runtime.openvino_available()
 import openvino  # a plain import after padim's sends nothing either
 network = load_backbone("resnet18", "random", runtime="torch").network

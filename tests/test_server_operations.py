@@ -30,9 +30,9 @@ from typing import Any
 import httpx
 import pytest
 
-from padim.products import update_product_settings
+from padim.io.store import ModelStore
+from padim.jobs.products import update_product_settings
 from padim.reports import query_reports
-from padim.store import ModelStore
 from tests.flow_helpers import CHEAP_MODEL, write_images
 
 pytestmark = pytest.mark.slow

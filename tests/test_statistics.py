@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from sklearn.covariance import OAS, oas
 
+from padim.core.mahalanobis import whitening_from_accumulator
+from padim.core.statistics import GaussianAccumulator, oas_shrink
+from padim.core.update_buffer import UpdateBuffer
 from padim.errors import PadimError
-from padim.mahalanobis import whitening_from_accumulator
-from padim.statistics import GaussianAccumulator, UpdateBuffer, oas_shrink
 
 P_SIDE = 3  # 3 x 3 grid -> 9 positions
 P = P_SIDE * P_SIDE

@@ -1,4 +1,4 @@
-"""Tests for padim.store: atomic versioned publishing on local disk and on S3 (moto)."""
+"""Tests for the model store (padim.io.store and its helpers): atomic publishing on local disk and S3 (moto)."""
 
 from __future__ import annotations
 
@@ -18,15 +18,10 @@ from padim.errors import (
     ModelNotFoundError,
     StoreError,
 )
-from padim.fsio import exists, join_url, read_bytes, url_to_fs, write_bytes_atomic
-from padim.store import (
-    COMPLETE_MARKER,
-    ModelStore,
-    default_store_url,
-    new_version,
-    validate_product,
-    write_manifest,
-)
+from padim.io.fsio import exists, join_url, read_bytes, url_to_fs, write_bytes_atomic
+from padim.io.manifest import write_manifest
+from padim.io.store import ModelStore
+from padim.io.store_layout import COMPLETE_MARKER, default_store_url, new_version, validate_product
 from tests.s3_server import s3_bucket, s3_endpoint  # noqa: F401
 
 

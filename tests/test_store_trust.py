@@ -22,25 +22,20 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import padim.backbones
-from padim.artifact import load_model, save_model
-from padim.backbones import RANDOM_WEIGHTS, load_backbone
-from padim.backbones import weights as weights_module
-from padim.backbones.resnet import build_resnet
-from padim.config import PadimConfig
+import padim.core.backbones
+from padim.core.backbones import RANDOM_WEIGHTS, load_backbone
+from padim.core.backbones import weights as weights_module
+from padim.core.backbones.resnet import build_resnet
+from padim.core.config import PadimConfig
+from padim.core.fitter import PadimFitter, build_model
+from padim.core.model import PadimModel, Thresholds, TrainingInfo
 from padim.errors import WeightsMismatchError, WeightsNotAllowedError, WeightsUnavailableError
-from padim.inspection import resolve_model
-from padim.model import PadimFitter, PadimModel, Thresholds, TrainingInfo, build_model
+from padim.io.artifact import load_model, save_model
+from padim.io.store import ModelStore
+from padim.io.store_layout import COMPLETE_MARKER, MANIFEST_NAME, store_root_of
+from padim.io.weights_trust import _RANDOM_WEIGHTS, WEIGHTS_ALLOW_ENV_VAR, check_manifest_weights
+from padim.jobs.inspection import resolve_model
 from padim.settings import ScoreSettings
-from padim.store import (
-    _RANDOM_WEIGHTS,
-    COMPLETE_MARKER,
-    MANIFEST_NAME,
-    WEIGHTS_ALLOW_ENV_VAR,
-    ModelStore,
-    check_manifest_weights,
-    store_root_of,
-)
 
 PRODUCT = "widget"
 SIDE = 32
@@ -173,7 +168,7 @@ def no_weights_access(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.fixture
 def fresh_backbones(monkeypatch: pytest.MonkeyPatch) -> None:
     """An empty backbone cache, so that scoring loads the weights file again."""
-    monkeypatch.setattr(padim.backbones, "_CACHE", {})
+    monkeypatch.setattr(padim.core.backbones, "_CACHE", {})
 
 
 @pytest.fixture(autouse=True)
@@ -310,7 +305,7 @@ def test_a_weights_file_whose_sha256_differs_is_not_parsed(
     swapped_digest = write_weights(weights, seed=12)
     parsed: list[Path] = []
     monkeypatch.setattr(weights_module, "_parse_weights", lambda url, local: parsed.append(local))
-    monkeypatch.setattr(padim.backbones, "_CACHE", {})
+    monkeypatch.setattr(padim.core.backbones, "_CACHE", {})
 
     with pytest.raises(WeightsMismatchError) as refused:
         load_and_score(store_copy, version)
@@ -341,7 +336,7 @@ def test_the_default_weights_must_be_the_ones_the_model_recorded(
     is looked for or downloaded (nothing is fetched here).
     """
     forge(store_copy, published.version, point_weights_at(None, "3" * 64))  # type: ignore[arg-type]
-    monkeypatch.setattr(padim.backbones, "download_to_torch_cache", lambda url: pytest.fail(f"download of {url}"))
+    monkeypatch.setattr(padim.core.backbones, "download_to_torch_cache", lambda url: pytest.fail(f"download of {url}"))
 
     with pytest.raises(WeightsMismatchError) as refused:
         load_and_score(store_copy, published.version)
@@ -401,7 +396,7 @@ def test_a_model_with_allowed_weights_loads_and_scores(
     model = fit(CONFIG.model_copy(update={"weights": str(weights)}))  # the operator's --weights
     version = publish(root, model)
     assert model.weights_sha256 == digest
-    monkeypatch.setattr(padim.backbones, "_CACHE", {})
+    monkeypatch.setattr(padim.core.backbones, "_CACHE", {})
 
     scores = load_and_score(root, version)
 

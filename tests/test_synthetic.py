@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from padim.evaluation import discover_layout
-from padim.synthetic import DEFECT_KINDS, make_defect, make_demo_dataset, make_surface
+from padim.evaluation.mvtec import discover_layout
+from padim.evaluation.synthetic import DEFECT_KINDS, make_defect, make_demo_dataset, make_surface
 
 SMALL = {"n_train": 4, "n_night": 8, "size": 96}
 

@@ -18,14 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from padim_prefect.flows.params import check_outside_store, resolve_url
+from padim_prefect.flows.score import score
 
-from flows.params import check_outside_store, resolve_url
-from flows.score import score
 from padim.errors import ConfigError
-from padim.fsio import local_uri, url_to_fs
-from padim.images import list_images, read_image
+from padim.io.fsio import local_uri, url_to_fs
+from padim.io.listing import list_images
+from padim.io.loading import read_image
+from padim.io.store import ModelStore
 from padim.reports import query_reports
-from padim.store import ModelStore
 from tests.flow_helpers import local_dir, png_bytes, texture, write_images
 from tests.reliability_support import PRODUCT, TrainedStore, trained_store
 from tests.s3_server import s3_bucket, s3_endpoint  # noqa: F401

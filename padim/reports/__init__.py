@@ -1,4 +1,4 @@
-"""Parquet score reports: schema, writer and DuckDB queries.
+"""Parquet score reports: schema, writer, DuckDB queries, and the heat-map pictures they link to.
 
 One row per scored image (or per image that failed), hive-partitioned by product and date under
 ``<store>/reports/`` on local disk or S3. See ``docs/reports.md``.
@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 from padim.reports.errors import CorruptReportError, ReportQueryError
-from padim.reports.export import ExportFormat, export
+from padim.reports.export import export
 from padim.reports.layout import ReportFile, list_report_files
 from padim.reports.query import daily_summary, query_reports, scored_contents, scored_images
 from padim.reports.rows import ReportRows, make_error_row, make_ok_row, to_report_table
@@ -34,7 +34,6 @@ __all__ = [
     "REPORT_SCHEMA_VERSION",
     "SUMMARY_SCHEMA",
     "CorruptReportError",
-    "ExportFormat",
     "ReportFile",
     "ReportQueryError",
     "ReportRows",

@@ -11,20 +11,20 @@ import io
 import json
 import math
 from datetime import date, datetime
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from padim import fsio
+from padim.io import fsio
 from padim.reports import schema as report_schema
 from padim.reports.schema import SUMMARY_SCHEMA
+from padim.settings import ExportFormat
 
-__all__ = ["TABLE_COLUMNS", "ExportFormat", "export", "to_json_records"]
+__all__ = ["TABLE_COLUMNS", "export", "to_json_records"]
 
-ExportFormat = Literal["table", "csv", "json", "parquet"]
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 
 TABLE_COLUMNS: tuple[str, ...] = (

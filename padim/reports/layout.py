@@ -15,8 +15,8 @@ from datetime import date
 
 from fsspec import AbstractFileSystem
 
-from padim import fsio
 from padim.errors import StoreError
+from padim.io import fsio
 from padim.reports.schema import REPORTS_DIRNAME, validate_product
 
 __all__ = [

@@ -36,7 +36,7 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
-from padim import fsio
+from padim.io import fsio
 from padim.reports import schema as report_schema
 from padim.reports.errors import ReportQueryError, one_line
 from padim.reports.layout import ReportFile, list_report_files, resolve_store

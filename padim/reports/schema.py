@@ -18,7 +18,7 @@ from datetime import date, datetime
 
 import pyarrow as pa
 
-from padim.store import validate_product as store_validate_product
+from padim.io.store_layout import validate_product as store_validate_product
 
 __all__ = [
     "DEDUP_KEY",
@@ -201,7 +201,7 @@ def duckdb_type_of(arrow_type: pa.DataType) -> str:
 def validate_product(product: str) -> str:
     """Check that a product name is safe to use as a hive partition folder.
 
-    The rule is the model store's (:func:`padim.store.validate_product`), so every product that
+    The rule is the model store's (:func:`padim.io.store_layout.validate_product`), so every product that
     can have a model can have reports.
 
     Args:

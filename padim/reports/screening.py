@@ -36,8 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from padim import fsio
 from padim.errors import StoreError
+from padim.io import fsio
 from padim.reports.errors import CorruptReportError, ReportQueryError, one_line
 from padim.reports.layout import ReportFile, list_report_files, reports_url
 from padim.reports.schema import describe_schema_mismatch, parse_report_date

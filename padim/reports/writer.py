@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from padim import fsio
 from padim.errors import StoreError
+from padim.io import fsio
 from padim.reports import schema as report_schema
 from padim.reports.layout import list_report_files, new_report_basename, partition_url
 from padim.reports.query import deduplicate_table, read_partition
