@@ -541,7 +541,7 @@ def architecture_phrases() -> list[tuple[str, str]]:
         ("CPU micro-batches", f"micro-batches of {micro[0]}-{micro[-1]}"),
         ("CPU batch size", f"one call of {CPU_BATCH_SIZE})"),
         ("where defaults live", "`padim/settings.py`, `padim/core/config.py`"),
-        ("settings module", "| settings | `settings.py` |"),
+        ("settings module", "| (top) | `settings.py` |"),
     ]
 
 
