@@ -184,8 +184,10 @@ class GateSettings(BaseModel):
     Attributes:
         max_threshold_change: Largest relative move of the image threshold against the version in
             use (``|new - old| / old``).
-        fpr_tolerance: The candidate's false-alarm rate on the calibration pool may exceed its
-            target image FPR by at most this much.
+        fpr_tolerance: The candidate's false-alarm rate on the calibration pool (counted out of
+            sample, :func:`padim.jobs.promotion.score_pool`) may exceed the rate its threshold can
+            resolve, ``max(target image FPR, 1 / (n + 1))`` for a threshold set on ``n`` held-out
+            images, by at most this much.
         min_pool_images: Fewest readable pool images for the false-alarm check; with fewer, the
             check is skipped (and the run says so).
     """

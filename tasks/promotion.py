@@ -55,13 +55,16 @@ def gate_task(
         settings: Device, batch size and backbone runtime.
 
     Returns:
-        The decision.
+        The decision; how the pool's false alarms were counted (out of sample, or in sample and
+        why) is in its fields and notes, which the retrain's model card lists.
     """
     store = ModelStore(store_url)
     device = resolve_device(settings.device)
     models = []
     for version in (candidate, in_use):
-        model = load_model(store.version_url(product, version), device=device)
+        # The candidate's statistics: the gate removes the pool images from a copy of them to count
+        # false alarms out of sample (padim.jobs.promotion.score_pool).
+        model = load_model(store.version_url(product, version), device=device, with_statistics=version == candidate)
         model.path, model.runtime, model.precision = settings.path, settings.runtime, settings.precision
         models.append(model)
     pool = read_pool(store, product)

@@ -60,6 +60,19 @@ def test_too_many_false_alarms_on_the_pool_are_rejected() -> None:
     assert "3 of 20 normal images" in decision.reasons[0] and "fpr_tolerance" in decision.reasons[0]
 
 
+def test_the_false_alarm_bound_allows_for_what_a_small_calibration_can_resolve() -> None:
+    """A 1 % threshold set on 10 images is their largest score: ~1 in 11 unseen good images lie above."""
+    two, three = [400.0] * 18 + [600.0] * 2, [400.0] * 17 + [600.0] * 3  # 10 % and 15 % of the pool flagged
+    small = decide(500.0, 509.0, 0.01, two, [], GateSettings(), calibrated_on=10)
+    assert small.passed, small.reasons
+    assert math.isclose(small.max_pool_fpr, 1 / 11 + 0.05)
+    large = decide(500.0, 509.0, 0.01, two, [], GateSettings(), calibrated_on=1000)
+    assert not large.passed and math.isclose(large.max_pool_fpr, 0.06)
+    assert "the target 1.0%" in large.reasons[0]
+    too_many = decide(500.0, 509.0, 0.01, three, [], GateSettings(), calibrated_on=10)
+    assert not too_many.passed and "set on 10 images" in too_many.reasons[0]
+
+
 def test_a_small_pool_is_not_judged_but_said_so() -> None:
     decision = decide(500.0, 509.0, 0.01, [600.0] * 3, [], GateSettings(min_pool_images=10))
     assert decision.passed and "min_pool_images" in decision.notes[0]
@@ -76,6 +89,133 @@ def test_missing_a_reference_defect_the_version_in_use_flags_is_rejected() -> No
 def test_a_degenerate_threshold_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="in-use image threshold"):
         decide(500.0, 0.0, 0.01, [], [], GateSettings())
+
+
+# ---- the false-alarm check out of sample ------------------------------------------------------------
+
+GATE_CONFIG: dict[str, Any] = {
+    "backbone": "resnet18",
+    "weights": "random",
+    "image_size": 64,
+    "crop_size": 56,
+    "channels": 16,
+}
+"""The cheap model of the flow tests (random weights, small images), for models fitted by hand."""
+
+
+def fit_model(uris: list[str], threshold: float = 1.0, **options: Any) -> Any:
+    """A model fitted on ``uris`` through the engine, with its statistics and training images."""
+    from padim.core.config import PadimConfig
+    from padim.core.fitter import build_model
+    from padim.core.model import Thresholds, TrainingInfo
+    from padim.jobs.engine import fit_images
+
+    config = PadimConfig(**{**GATE_CONFIG, **options})
+    fit = fit_images(uris, config, batch_size=1, device="cpu")
+    images = [(r.uri, r.sha256 or "") for r in fit.fitted]
+    assert len(images) == len(uris)
+    return build_model(
+        config,
+        fit.accumulator,
+        weights_sha256=fit.weights_sha256,
+        training=TrainingInfo(n_train=len(images), training_set_sha256="", training_images=images),
+        thresholds=Thresholds(image=threshold, pixel=threshold, image_fpr=0.01, pixel_fpr=0.01, n_images=10),
+    )
+
+
+def scores_of(model: Any, uris: list[str]) -> dict[str, float]:
+    """Image scores through the engine, one image per batch."""
+    from padim.jobs.engine import score_images
+
+    return {s.record.uri: float(s.score) for s in score_images(model, uris, batch_size=1, keep_maps="none")}
+
+
+def pool_of(model: Any, uris: list[str]) -> list[Any]:
+    """Pool entries of training images of ``model``, with their recorded sha256."""
+    from padim.jobs.promotion import PoolImage
+
+    sha = dict(model.training.training_images)
+    return [PoolImage(uri, sha[uri]) for uri in uris]
+
+
+def write_outliers(folder: str, n: int, seed: int) -> list[str]:
+    """Good-looking images of another kind (the colours of the texture inverted)."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        path = Path(folder, f"outlier-{i:03d}.png")
+        path.write_bytes(png_bytes(255 - texture(rng)))
+        paths.append(str(path))
+    return paths
+
+
+def test_pool_batches_are_scored_like_a_fit_without_them(tmp_path: Path) -> None:
+    from padim.jobs.promotion import PoolImage, score_pool
+
+    images = write_images(local_dir(tmp_path / "good"), 16, seed=51)
+    unseen = write_images(local_dir(tmp_path / "unseen"), 1, seed=52, prefix="unseen")
+    candidate = fit_model(images)
+    batches = {"v1": images[1:7:2], "v2": images[8:16:2]}  # held out for two versions: 3 and 4 of the 16
+    sha = dict(candidate.training.training_images)
+    pool = [PoolImage(u, sha[u], version) for version, uris in batches.items() for u in uris]
+    pool.append(PoolImage(unseen[0], ""))  # a pool image not in its statistics
+
+    scored = score_pool(candidate, pool, batch_size=1)
+
+    removed = [u for uris in batches.values() for u in uris]
+    assert scored.fallback == "" and scored.skipped == 0
+    assert scored.in_statistics == removed and sorted(scored.left_out) == sorted(removed)
+    for uris in batches.values():  # each batch: the scores of a fit on the other 16 - len(batch) images
+        from_scratch = scores_of(fit_model([u for u in images if u not in uris]), uris)
+        for uri in uris:
+            assert math.isclose(scored.scores[uri], from_scratch[uri], rel_tol=1e-4), (uri, scored.scores[uri])
+    assert np.mean([scored.scores[u] for u in removed]) > np.mean([scored.in_sample[u] for u in removed])
+    assert scored.scores[unseen[0]] == scored.in_sample[unseen[0]] == scores_of(candidate, unseen)[unseen[0]]
+    assert candidate.accumulator.n == 16  # the candidate's own statistics are untouched
+
+
+def test_outliers_explained_in_sample_are_false_alarms_out_of_sample(tmp_path: Path) -> None:
+    from padim.jobs.promotion import check_candidate, describe, score_pool
+
+    good = write_images(local_dir(tmp_path / "good"), 16, seed=61)
+    outliers = write_outliers(local_dir(tmp_path / "outliers"), 10, seed=62)
+    candidate = fit_model(good + outliers)
+    pool = pool_of(candidate, outliers)
+    # A threshold above every in-sample pool score: the in-sample check would count no false alarm.
+    candidate.thresholds.image = 1.1 * max(score_pool(candidate, pool, batch_size=1).in_sample.values())
+
+    decision = check_candidate(candidate, candidate, pool, [], GateSettings(), batch_size=1)
+
+    assert decision.pool_false_alarms_in_sample == 0
+    assert decision.pool_left_out == decision.pool_images == 10 and decision.pool_in_sample == 0
+    assert decision.pool_false_alarms > 0 and not decision.passed
+    assert "normal images of the calibration pool" in decision.reasons[0], decision.reasons
+    assert decision.pool_fallback == "" and not decision.notes
+    assert f"{decision.pool_false_alarms}/10 pool false alarms (out of sample; 0 in sample)" in describe(decision)
+
+
+@pytest.mark.parametrize(
+    ("n_images", "options", "why"),
+    [(8, {"augment_copies": 1}, "augment_copies"), (5, {}, "fewer than 2")],
+    ids=["augmentation", "too-few-left"],
+)
+def test_the_check_falls_back_to_in_sample_scores_and_says_so(
+    tmp_path: Path, n_images: int, options: dict[str, Any], why: str
+) -> None:
+    from padim.jobs.promotion import check_candidate, describe, score_pool
+
+    images = write_images(local_dir(tmp_path / "good"), n_images, seed=71)
+    candidate = fit_model(images, **options)
+    pool = pool_of(candidate, images[:4])
+
+    scored = score_pool(candidate, pool, batch_size=1)
+    assert why in scored.fallback and scored.left_out == []
+    assert scored.scores == scored.in_sample == scores_of(candidate, images[:4])
+
+    decision = check_candidate(candidate, candidate, pool, [], GateSettings(min_pool_images=4), batch_size=1)
+    assert why in decision.pool_fallback and decision.pool_in_sample == 4 and decision.pool_left_out == 0
+    assert any("counted in sample" in n and "undercount" in n and why in n for n in decision.notes), decision.notes
+    assert "pool false alarms (4 in sample)" in describe(decision)
 
 
 # ---- the store: candidates, promote, prune ----------------------------------------------------------
@@ -194,10 +334,15 @@ def test_retrains_pass_or_stay_candidates_and_a_person_can_promote(
     # A batch of the same kind of images: the threshold stays put (8 % here), the candidate is promoted.
     defects = local_dir(tmp_path / "defects")
     write_images(defects, 0, n_defect=3, seed=30)
+    # The pool's false alarms are counted out of sample: with 10 held-out images per batch a
+    # threshold at a 1 % target is the largest of 10 scores, so about 1 in 11 unseen good images
+    # lies above it; the gate's bound allows for that (max(1 %, 1 / 11) + the default 5 %).
     update_product_settings(store, "line", reference_defects_url=defects)
     good = retrain_cpu(product="line", normal_url=write_dir(tmp_path / "b", 12, 32), store=root)
     assert good["status"] == "published" and good["gate"]["passed"], good["gate"]
     assert good["gate"]["defects"] == 3 and good["gate"]["defects_missed"] == []
+    # Every pool image is in the candidate's statistics: all are scored by the leave-pool-out model.
+    assert good["gate"]["pool_left_out"] == good["gate"]["pool_images"] == 20 and good["gate"]["pool_fallback"] == ""
     assert store.latest("line") == good["version"] and store.candidates("line") == {}
     assert len(read_pool(store, "line")) == 20  # the new batch's 10 held-out images joined the pool
     assert events_named(events, MODEL_PUBLISHED)[-1]["payload"]["version"] == good["version"]
@@ -225,6 +370,7 @@ def test_retrains_pass_or_stay_candidates_and_a_person_can_promote(
     assert (
         f"# Model line {bad['version']}" in card and f"Promotion gate rejected: {good['version']} stays in use" in card
     )
+    assert "pool false alarms (out of sample;" in card
 
     cli(main, "models", "--product", "line", "--store", root)
     listing = capsys.readouterr().out

@@ -152,6 +152,49 @@ def test_merge_rejects_other_shapes() -> None:
         GaussianAccumulator(P, D).merge(GaussianAccumulator(P, D + 1))
 
 
+@pytest.mark.parametrize(
+    ("removed", "seed"), [(slice(0, 1), 2), (slice(3, 17), 3), (slice(25, 38), 4), (slice(2, 40, 3), 5)]
+)
+def test_subtract_leaves_the_statistics_of_the_other_images(removed: slice, seed: int) -> None:
+    data = make_data(seed=seed)
+    mask = np.zeros(N, dtype=bool)
+    mask[removed] = True
+    kept, gone = data[~mask], data[mask]
+    ref_mean, ref_cov = numpy_reference(kept)
+    full = accumulate(data, batch=7)
+    remaining = full.copy().subtract(accumulate(gone, batch=4))
+    assert remaining.n == len(kept)
+    np.testing.assert_allclose(remaining.mean.numpy(), ref_mean, rtol=RTOL, atol=0)
+    assert rel_err(remaining.covariance().numpy(), ref_cov) < RTOL
+    assert full.n == N  # the copy is independent
+
+
+def test_merge_then_subtract_gives_back_the_original() -> None:
+    data = make_data(n=45, seed=6)
+    original = accumulate(data[:30], 5)
+    other = accumulate(data[30:], 15)
+    restored = original.copy().merge(other).subtract(other)
+    assert restored.n == original.n
+    np.testing.assert_allclose(restored.mean.numpy(), original.mean.numpy(), rtol=RTOL, atol=0)
+    assert rel_err(restored.m2.numpy(), original.m2.numpy()) < RTOL
+    assert rel_err(restored.covariance().numpy(), numpy_reference(data[:30])[1]) < RTOL
+
+
+def test_subtract_refuses_other_shapes_too_few_images_and_foreign_images() -> None:
+    data = make_data()
+    full = accumulate(data, 8)
+    before = full.m2.clone()
+    with pytest.raises(ValueError, match="cannot subtract statistics of shape"):
+        full.subtract(GaussianAccumulator(P, D + 1))
+    with pytest.raises(ValueError, match="fewer than 2 would remain"):
+        full.subtract(accumulate(data[1:], 8))
+    foreign = accumulate(make_data(n=10, seed=9, offset=-OFFSET), 5)  # far from every image in ``full``
+    with pytest.raises(ValueError, match="negative variance"):
+        full.subtract(foreign)
+    assert full.n == N and torch.equal(full.m2, before)  # refused before any change
+    assert full.subtract(GaussianAccumulator(P, D)) is full and full.n == N
+
+
 def test_state_dict_round_trip_through_safetensors(tmp_path: Path) -> None:
     data = make_data()
     acc = accumulate(data[:25], 6)

@@ -11,7 +11,8 @@ is folded in with the pairwise update of Chan, Golub and LeVeque (1979)::
 
 which is also how two accumulators (shards fitted on different machines, or an old model and new
 images) merge. The result is independent of the batch split, the shard split and the merge order
-up to float64 rounding, and equals ``numpy.cov(ddof=1)`` over all the data. Memory is
+up to float64 rounding, and equals ``numpy.cov(ddof=1)`` over all the data. The same update solved
+for one part removes images again (:meth:`GaussianAccumulator.subtract`). Memory is
 ``O(P d^2)``, independent of the number of images. Every operation is batched over positions
 (``torch.baddbmm``); nothing loops over positions in Python. Long operations are chunked over
 positions to bound temporary memory for large ``d`` (WideResNet50, ``d = 550``).
@@ -27,6 +28,11 @@ import torch
 from padim.errors import PadimError
 
 STATE_FORMAT = "padim.gaussian-accumulator/1"
+
+_NEGATIVE_VARIANCE_TOLERANCE = 1e-6
+"""How far below zero (relative to the largest variance of its position before)
+:meth:`GaussianAccumulator.subtract` lets a remaining variance fall before it refuses: float64
+rounding stays far below it."""
 
 
 def patch_rows(embeddings: torch.Tensor) -> torch.Tensor:
@@ -228,6 +234,81 @@ class GaussianAccumulator:
         self._shift.add_(delta, alpha=n_b / n)
         self.n = n
         return self
+
+    def subtract(self, other: GaussianAccumulator) -> GaussianAccumulator:
+        """Remove the statistics of some of the images, in place: the exact inverse of :meth:`merge`.
+
+        ``self`` holds the ``n`` images of ``A + B``, ``other`` the ``n_B`` images of ``B``. Chan's
+        update solved for ``A`` (``n_A = n - n_B``; ``e = mean_B - mean`` against the mean of all
+        ``n``, which is ``delta n_A / n`` for merge's ``delta = mean_B - mean_A``)::
+
+            mean_A = mean - e * n_B / n_A
+            M2_A   = M2 - M2_B - e e^T * n n_B / n_A
+
+        equal to ``numpy.cov(ddof=1)`` of the ``A`` images alone up to float64 rounding (and to
+        the rounding of ``B``'s embeddings, when they were computed again). Batched over
+        positions like :meth:`merge`.
+
+        Args:
+            other: Statistics of images that are part of this accumulator's (e.g. the same images
+                embedded again with the same configuration and projector).
+
+        Returns:
+            ``self``, now holding the statistics of the images not in ``other`` only.
+
+        Raises:
+            ValueError: If the shapes differ, fewer than two images would remain, or a variance
+                would become negative beyond rounding (``other`` holds images that are not in
+                these statistics); ``self`` is then unchanged.
+        """
+        if (other.num_positions, other.dim) != (self.num_positions, self.dim):
+            raise ValueError(
+                f"cannot subtract statistics of shape P={other.num_positions}, d={other.dim} "
+                f"from P={self.num_positions}, d={self.dim}"
+            )
+        if other.n == 0:
+            return self
+        n, n_b = self.n, other.n
+        n_a = n - n_b
+        if n_a < 2:
+            raise ValueError(
+                f"cannot remove {n_b} images from statistics of {n}: fewer than 2 would remain "
+                "(a covariance needs at least 2)"
+            )
+        self._canonicalize()
+        other_mean = other.mean.to(self.device)
+        other_m2 = other.m2.to(self.device)
+        e = other_mean - self._shift
+        scale = n * n_b / n_a
+        # The remaining variances first (cheap, (P, d)): refuse before anything changes.
+        total = self._comoment.diagonal(dim1=1, dim2=2)
+        remaining = total - other_m2.diagonal(dim1=1, dim2=2) - e.square() * scale
+        largest = total.amax(dim=1, keepdim=True)  # per position: the scale of its rounding
+        if bool((remaining < -_NEGATIVE_VARIANCE_TOLERANCE * largest).any()):
+            worst = float((remaining / largest.clamp_min(torch.finfo(torch.float64).tiny)).min())
+            raise ValueError(
+                f"removing these {n_b} images would leave a negative variance ({worst:.3g} of the position's "
+                "largest): they are not all part of these statistics, or were embedded differently"
+            )
+        chunk = _position_chunk(self.num_positions, self.dim, 1)
+        for start in range(0, self.num_positions, chunk):
+            stop = start + chunk
+            d = e[start:stop]
+            self._comoment[start:stop].sub_(other_m2[start:stop])
+            self._comoment[start:stop].baddbmm_(d.unsqueeze(2), d.unsqueeze(1), alpha=-scale)
+        self._shift.sub_(e, alpha=n_b / n_a)
+        self.n = n_a
+        return self
+
+    def copy(self) -> GaussianAccumulator:
+        """An independent copy of the statistics (same device)."""
+        self._canonicalize()
+        state = {
+            "n": torch.tensor([self.n], dtype=torch.int64),
+            "mean": self._shift.clone(),
+            "m2": self._comoment.clone(),
+        }
+        return GaussianAccumulator.from_state_dict(state, device=self.device)
 
     def covariance(self, ddof: int = 1, eps: float = 0.0) -> torch.Tensor:
         """Per-position covariance matrices.

@@ -137,7 +137,8 @@ def configure(
             min=0.0,
             max=1.0,
             metavar="FRACTION",
-            help="Promotion gate: false alarms on the calibration pool may exceed the target FPR by this much "
+            help="Promotion gate: false alarms on the calibration pool may exceed max(target FPR, 1 / (n + 1)), n the "
+            "held-out images of its calibration, by this much "
             f"(default {default_of(GateSettings, 'fpr_tolerance')}).",
             show_default=False,
         ),

@@ -241,7 +241,8 @@ def retrain(
             min=0.0,
             max=1.0,
             metavar="FRACTION",
-            help="Gate: false alarms on the calibration pool may exceed the target FPR by this much. Default: the "
+            help="Gate: false alarms on the calibration pool may exceed max(target FPR, 1 / (n + 1)), n the held-out "
+            "images of its calibration, by this much. Default: the "
             f"product's setting, else {default_of(GateSettings, 'fpr_tolerance')}.",
             show_default=False,
         ),
