@@ -295,9 +295,10 @@ class Demo:
 
 @pytest.fixture(scope="module")
 def demo_run(cli_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
-    """Run ``padim demo`` once (CPU) and share its store with the queries below."""
+    """Run ``padim demo`` once (CPU), from outside the repository, and share its store with the queries below."""
     workdir = tmp_path_factory.mktemp("demo") / "work"
-    result = padim(cli_env, "demo", "--workdir", str(workdir), "--device", "cpu", timeout=SLOW_TIMEOUT)
+    outside = workdir.parent  # the installed command needs no checkout in its working directory
+    result = padim(cli_env, "demo", "--workdir", str(workdir), "--device", "cpu", cwd=outside, timeout=SLOW_TIMEOUT)
     assert result.code == 0, result.err
     version = re.search(r"version (v\S+?),", result.out)
     assert version, result.out

@@ -259,8 +259,9 @@ def retrain(
 
     The new version is a candidate until it passes the promotion gate: its image threshold moves
     by less than --max-threshold-change, its false alarms on the product's calibration pool (the
-    held-out good images of every batch so far) stay within the target + --fpr-tolerance, and it
-    still flags the product's reference defects (`padim configure --reference-defects`). A
+    held-out good images of every batch so far, each scored by the model without its batch) stay
+    within max(target, 1 / (n + 1)) + --fpr-tolerance for a threshold set on n held-out images,
+    and it still flags the product's reference defects (`padim configure --reference-defects`). A
     rejected candidate is listed by `padim models` with the reason; `padim models promote` puts
     it in use. --no-gate puts the new version in use directly.
 
