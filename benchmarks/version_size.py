@@ -63,7 +63,7 @@ def write_v1(model, directory: Path) -> None:
 
     from safetensors.torch import load_file, save_file
 
-    from padim.core.statistics import pack_lower
+    from padim.core.covariance import pack_lower
     from padim.io.artifact import MANIFEST, MODEL_FILE, save_model
 
     save_model(model, str(directory))

@@ -185,7 +185,7 @@ class GateSettings(BaseModel):
         max_threshold_change: Largest relative move of the image threshold against the version in
             use (``|new - old| / old``).
         fpr_tolerance: The candidate's false-alarm rate on the calibration pool (counted out of
-            sample, :func:`padim.jobs.promotion.score_pool`) may exceed the rate its threshold can
+            sample, :func:`padim.jobs.calibration_pool.score_pool`) may exceed the rate its threshold can
             resolve, ``max(target image FPR, 1 / (n + 1))`` for a threshold set on ``n`` held-out
             images, by at most this much.
         min_pool_images: Fewest readable pool images for the false-alarm check; with fewer, the

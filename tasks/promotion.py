@@ -8,7 +8,8 @@ from prefect import get_run_logger, task
 from padim.core.execution import resolve_device
 from padim.io.artifact import load_model, read_training_images
 from padim.io.store import ModelStore
-from padim.jobs.promotion import GateDecision, check_candidate, grow_pool, read_pool
+from padim.jobs.calibration_pool import grow_pool, read_pool
+from padim.jobs.promotion import GateDecision, check_candidate
 from padim.settings import GateSettings, TrainSettings
 
 
@@ -63,7 +64,7 @@ def gate_task(
     models = []
     for version in (candidate, in_use):
         # The candidate's statistics: the gate removes the pool images from a copy of them to count
-        # false alarms out of sample (padim.jobs.promotion.score_pool).
+        # false alarms out of sample (padim.jobs.calibration_pool.score_pool).
         model = load_model(store.version_url(product, version), device=device, with_statistics=version == candidate)
         model.path, model.runtime, model.precision = settings.path, settings.runtime, settings.precision
         models.append(model)

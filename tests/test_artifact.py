@@ -22,16 +22,8 @@ from padim.core.fitter import PadimFitter, build_model
 from padim.core.model import PadimModel, Thresholds, TrainingInfo
 from padim.core.statistics import GaussianAccumulator
 from padim.errors import IncompatibleModelError, ModelIntegrityError, ModelNotFoundError
-from padim.io.artifact import (
-    MANIFEST,
-    MODEL_FILE,
-    STATISTICS_FILE,
-    TRAINING_FILE,
-    load_model,
-    load_statistics,
-    save_model,
-    save_statistics,
-)
+from padim.io.artifact import MANIFEST, MODEL_FILE, STATISTICS_FILE, TRAINING_FILE, load_model, save_model
+from padim.io.statistics_files import load_statistics, save_statistics
 
 SIDE = 32
 CONFIG = PadimConfig(backbone="resnet18", weights="random", image_size=SIDE, crop_size=SIDE, channels=20)

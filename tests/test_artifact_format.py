@@ -20,10 +20,11 @@ from safetensors.torch import load_file, save_file
 
 import padim.io.artifact as artifact
 from padim.core.config import PadimConfig
+from padim.core.covariance import pack_lower
 from padim.core.fitter import PadimFitter, build_model
 from padim.core.geometry import num_gaussians
 from padim.core.model import PadimModel, Thresholds, TrainingInfo
-from padim.core.statistics import GaussianAccumulator, pack_lower
+from padim.core.statistics import GaussianAccumulator
 from padim.errors import IncompatibleModelError, ModelIntegrityError
 from padim.io.artifact import (
     FACTOR_FROM_STATISTICS,

@@ -22,7 +22,8 @@ from padim.io.fsio import join_url, read_bytes, url_to_fs
 from padim.io.manifest import write_manifest
 from padim.io.store import ModelStore
 from padim.io.store_layout import CANDIDATES_FILE
-from padim.jobs.promotion import decide, grow_pool, pool_url, read_pool
+from padim.jobs.calibration_pool import grow_pool, pool_url, read_pool
+from padim.jobs.promotion import decide
 from padim.settings import GateSettings, RetentionSettings
 from tests.flow_helpers import (
     CHEAP_MODEL,
@@ -132,7 +133,7 @@ def scores_of(model: Any, uris: list[str]) -> dict[str, float]:
 
 def pool_of(model: Any, uris: list[str]) -> list[Any]:
     """Pool entries of training images of ``model``, with their recorded sha256."""
-    from padim.jobs.promotion import PoolImage
+    from padim.jobs.calibration_pool import PoolImage
 
     sha = dict(model.training.training_images)
     return [PoolImage(uri, sha[uri]) for uri in uris]
@@ -150,7 +151,7 @@ def write_outliers(folder: str, n: int, seed: int) -> list[str]:
 
 
 def test_pool_batches_are_scored_like_a_fit_without_them(tmp_path: Path) -> None:
-    from padim.jobs.promotion import PoolImage, score_pool
+    from padim.jobs.calibration_pool import PoolImage, score_pool
 
     images = write_images(local_dir(tmp_path / "good"), 16, seed=51)
     unseen = write_images(local_dir(tmp_path / "unseen"), 1, seed=52, prefix="unseen")
@@ -175,7 +176,8 @@ def test_pool_batches_are_scored_like_a_fit_without_them(tmp_path: Path) -> None
 
 
 def test_outliers_explained_in_sample_are_false_alarms_out_of_sample(tmp_path: Path) -> None:
-    from padim.jobs.promotion import check_candidate, describe, score_pool
+    from padim.jobs.calibration_pool import score_pool
+    from padim.jobs.promotion import check_candidate, describe
 
     good = write_images(local_dir(tmp_path / "good"), 16, seed=61)
     outliers = write_outliers(local_dir(tmp_path / "outliers"), 10, seed=62)
@@ -202,7 +204,8 @@ def test_outliers_explained_in_sample_are_false_alarms_out_of_sample(tmp_path: P
 def test_the_check_falls_back_to_in_sample_scores_and_says_so(
     tmp_path: Path, n_images: int, options: dict[str, Any], why: str
 ) -> None:
-    from padim.jobs.promotion import check_candidate, describe, score_pool
+    from padim.jobs.calibration_pool import score_pool
+    from padim.jobs.promotion import check_candidate, describe
 
     images = write_images(local_dir(tmp_path / "good"), n_images, seed=71)
     candidate = fit_model(images, **options)

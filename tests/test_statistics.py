@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from sklearn.covariance import OAS, oas
 
+from padim.core.covariance import oas_shrink
 from padim.core.mahalanobis import whitening_from_accumulator
-from padim.core.statistics import GaussianAccumulator, oas_shrink
+from padim.core.statistics import GaussianAccumulator
 from padim.core.update_buffer import UpdateBuffer
 from padim.errors import PadimError
 

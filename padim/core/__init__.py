@@ -8,7 +8,8 @@ never storage, jobs, reports or evaluation (import-linter checks this, see ``pyp
 * :mod:`~padim.core.preprocessing` - an image to a normalised tensor ``(3, S, S)``.
 * :mod:`~padim.core.features` / :mod:`~padim.core.embedding` - patch embeddings ``(B, H, W, d)``.
 * :mod:`~padim.core.statistics` / :mod:`~padim.core.cell_statistics` / :mod:`~padim.core.update_buffer` -
-  exact streaming Gaussians (per position, per cell of the stage maps, folded ~128 images at a time).
+  exact streaming Gaussians (per position, per cell of the stage maps, folded ~128 images at a time);
+  :mod:`~padim.core.covariance` - OAS shrinkage and packed triangles.
 * :mod:`~padim.core.mahalanobis` / :mod:`~padim.core.scoring` / :mod:`~padim.core.anomaly_map` - whitening,
   distances to the Gaussians (banded on a CPU), anomaly maps and image scores.
 * :mod:`~padim.core.alignment` - registration and augmentation for parts that are not aligned.

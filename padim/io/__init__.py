@@ -8,6 +8,7 @@ Above :mod:`padim.core` (a model version is written from a fitted model), below 
 * :mod:`~padim.io.reading` - one file's bytes with a timeout and retries (storage faults raised).
 * :mod:`~padim.io.loading` - image records, :func:`~padim.io.loading.load_reference`, and batches read ahead in threads.
 * :mod:`~padim.io.artifact` - a model version as safetensors + JSON, verified on load.
+* :mod:`~padim.io.statistics_files` - a fit shard's partial statistics, merged by the finalising task.
 * :mod:`~padim.io.store_layout` - the store's layout: root URL, product and version names, file names.
 * :mod:`~padim.io.manifest` - ``manifest.json`` of a version folder: writing it, verifying a folder.
 * :mod:`~padim.io.publishing` - committing a version (staging + rename, ``_COMPLETE``) and removing one.

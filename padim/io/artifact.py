@@ -49,28 +49,48 @@ from safetensors.torch import load_file, save_file
 import padim
 from padim.core.backbones import get_spec
 from padim.core.config import PadimConfig
+from padim.core.covariance import pack_lower, unpack_lower
 from padim.core.embedding import EmbeddingProjector
 from padim.core.fitter import finalize_gaussians
 from padim.core.geometry import grid_size, num_gaussians, resolve_channels
 from padim.core.mahalanobis import whitening_from_accumulator
 from padim.core.model import PadimModel, Thresholds, TrainingInfo
-from padim.core.statistics import GaussianAccumulator, pack_lower, pool_positions, unpack_lower
+from padim.core.statistics import GaussianAccumulator, pool_positions
 from padim.errors import IncompatibleModelError, ModelIntegrityError, ModelNotFoundError, PadimError
+from padim.io.fsio import is_local_fs
 from padim.io.weights_trust import check_manifest_weights
 
 MODEL_FORMAT = "padim.model/2"
+
+
 LEGACY_FORMATS = ("padim.model/1",)
 """Older formats this code still reads (``/1`` always stores the factor)."""
+
+
 FACTOR_FROM_STATISTICS = "statistics"
 """``factor_storage`` of a version whose means and factors are derived from its statistics."""
+
+
 FACTOR_PACKED = "packed"
 """``factor_storage`` of a version that stores ``mean`` and ``factor_packed`` in ``model.safetensors``."""
+
+
 CHECK_POSITIONS = 64
 """Positions whose factor :func:`save_model` re-derives to check that the statistics reproduce it."""
+
+
 MANIFEST = "manifest.json"
+
+
 MODEL_FILE = "model.safetensors"
+
+
 STATISTICS_FILE = "statistics.safetensors"
+
+
 TRAINING_FILE = "training_images.json"
+
+
 _CHUNK = 1 << 20
 
 
@@ -84,11 +104,6 @@ def training_set_digest(hashes: list[str]) -> str:
         sha256 hex digest of the sorted, newline-joined list.
     """
     return hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
 
 
 def _sha256_stream(handle: Any) -> tuple[str, int]:
@@ -331,7 +346,7 @@ def _fetch_verified(fs: fsspec.AbstractFileSystem, root: str, name: str, entry: 
     remote = f"{root}/{name}"
     if not fs.exists(remote):
         raise ModelIntegrityError(f"model file {name} is missing")
-    if _is_local(fs):
+    if is_local_fs(fs):
         local = remote
     else:
         local = os.path.join(scratch, name)
@@ -470,78 +485,6 @@ def load_model(url: str, device: str | torch.device = "cpu", with_statistics: bo
         reference=reference if config.registration != "none" else None,
     )
     return model.to(device)
-
-
-def save_statistics(accumulator: GaussianAccumulator, url: str, metadata: dict[str, str] | None = None) -> None:
-    """Write an accumulator's partial state as one safetensors file (for shard merging).
-
-    The file is built locally and then copied, so a reader never sees half of it on an object
-    store (one PUT) and, locally, it is renamed into place.
-
-    Args:
-        accumulator: The statistics.
-        url: Target file URL.
-        metadata: String metadata stored in the safetensors header (e.g. the configuration
-            identity, so that incompatible partials are never merged).
-    """
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    header = {"format": "padim.gaussian-accumulator/1", **(metadata or {})}
-    state = {k: v.cpu() for k, v in accumulator.state_dict(packed=True).items()}
-    if _is_local(fs):
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".tmp-", suffix=".safetensors", delete=False) as tmp:
-            temp_name = tmp.name
-        try:
-            save_file(state, temp_name, metadata=header)
-            os.replace(temp_name, path)
-        finally:
-            if os.path.exists(temp_name):
-                os.unlink(temp_name)
-        return
-    with tempfile.TemporaryDirectory(prefix="padim-stats-") as scratch:
-        local = os.path.join(scratch, "statistics.safetensors")
-        save_file(state, local, metadata=header)
-        fs.put_file(local, path)
-
-
-def load_statistics(url: str, device: str | torch.device = "cpu") -> tuple[GaussianAccumulator, dict[str, str]]:
-    """Read a partial state written by :func:`save_statistics`.
-
-    Args:
-        url: File URL.
-        device: Device for the state tensors.
-
-    Returns:
-        The accumulator and the file's string metadata.
-
-    Raises:
-        ModelNotFoundError: If the file does not exist.
-        ModelIntegrityError: If it is not a valid statistics file.
-    """
-    from safetensors import safe_open
-
-    fs, path = fsspec.core.url_to_fs(url)
-    with tempfile.TemporaryDirectory(prefix="padim-stats-") as scratch:
-        if _is_local(fs):
-            local = path
-        else:
-            local = os.path.join(scratch, "statistics.safetensors")
-            try:
-                fs.get_file(path, local)
-            except FileNotFoundError as exc:
-                raise ModelNotFoundError(f"no statistics file at {url}") from exc
-        if not os.path.exists(local):
-            raise ModelNotFoundError(f"no statistics file at {url}")
-        try:
-            with safe_open(local, framework="pt") as handle:
-                metadata = dict(handle.metadata() or {})
-                state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise ModelIntegrityError(f"statistics file {url} is corrupt: {exc}") from exc
-    if metadata.get("format") != "padim.gaussian-accumulator/1":
-        raise ModelIntegrityError(f"{url} is not a padim statistics file")
-    return GaussianAccumulator.from_state_dict(state, device=device), metadata
 
 
 def read_training_images(url: str) -> dict[str, list[tuple[str, str]]]:

@@ -77,7 +77,7 @@ def url_to_fs(url: str) -> tuple[AbstractFileSystem, str]:
         fs = fsspec.filesystem(scheme.lower())
         return fs, fs._strip_protocol(url)
     fs, path = fsspec.core.url_to_fs(url)
-    if _fs_is_local(fs):
+    if is_local_fs(fs):
         path = os.path.normpath(path)
     return fs, path
 
@@ -136,7 +136,7 @@ def to_url(fs: AbstractFileSystem, path: str) -> str:
     Returns:
         ``s3://bucket/key`` for remote filesystems; the plain absolute path for local ones.
     """
-    if _fs_is_local(fs):
+    if is_local_fs(fs):
         return local_uri(path)
     return fs.unstrip_protocol(path)
 
@@ -233,7 +233,7 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
         data: The complete new content.
     """
     fs, path = url_to_fs(url)
-    if not _fs_is_local(fs):
+    if not is_local_fs(fs):
         fs.pipe_file(path, data)
         return
     folder = os.path.dirname(path) or "."
@@ -290,7 +290,7 @@ def sha256_of(url: str, chunk_bytes: int = HASH_CHUNK_BYTES) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _fs_is_local(fs: AbstractFileSystem) -> bool:
+def is_local_fs(fs: AbstractFileSystem) -> bool:
     """Tell whether a filesystem instance is the local one."""
     protocols: Any = fs.protocol
     names = (protocols,) if isinstance(protocols, str) else tuple(protocols)

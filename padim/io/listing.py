@@ -15,9 +15,9 @@ from collections.abc import Iterable, Sequence
 from fsspec import AbstractFileSystem
 
 from padim.errors import ConfigError, ImageSourceError
-from padim.io.fsio import is_local, to_url, url_to_fs
+from padim.io.fsio import is_local, is_local_fs, to_url, url_to_fs
 
-__all__ = ["DEFAULT_EXTENSIONS", "is_local_fs", "is_special_local_file", "list_images"]
+__all__ = ["DEFAULT_EXTENSIONS", "is_special_local_file", "list_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +84,6 @@ def is_special_local_file(fs: AbstractFileSystem, path: str) -> bool:
     except (OSError, ValueError):
         return False
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
-
-
-def is_local_fs(fs: AbstractFileSystem) -> bool:
-    """True for fsspec's local file system."""
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def _without_special_files(fs: AbstractFileSystem, paths: Iterable[str]) -> list[str]:

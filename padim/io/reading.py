@@ -18,8 +18,8 @@ from fsspec import AbstractFileSystem
 
 from padim.errors import ConfigError, ImageReadError
 from padim.io.decoding import decode_error, describe_error
-from padim.io.fsio import url_to_fs
-from padim.io.listing import is_local_fs, is_special_local_file
+from padim.io.fsio import is_local_fs, url_to_fs
+from padim.io.listing import is_special_local_file
 
 __all__ = [
     "READ_ATTEMPTS",

@@ -34,8 +34,9 @@ from padim.core.geometry import new_projector
 from padim.core.model import PadimModel, TrainingInfo
 from padim.core.statistics import GaussianAccumulator
 from padim.errors import IncompatibleModelError, PadimError
-from padim.io.artifact import load_statistics, save_model, save_statistics, training_set_digest
+from padim.io.artifact import save_model, training_set_digest
 from padim.io.loading import ImageRecord, load_reference
+from padim.io.statistics_files import load_statistics, save_statistics
 from padim.io.store import ModelStore
 from padim.jobs.calibrating import calibrate_and_merge, check_skipped
 from padim.jobs.engine import fit_images
