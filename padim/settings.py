@@ -123,6 +123,13 @@ class TrainSettings(BaseModel):
     def _device(cls, value: str) -> str:
         return check_device(value)
 
+    @property
+    def execution(self) -> dict[str, Any]:
+        """How the engine computes: ``path``, ``runtime`` and ``precision``, as keyword arguments of
+        :func:`~padim.jobs.engine.fit_images`, :func:`~padim.core.fitter.build_model` and
+        :class:`~padim.core.fitter.PadimFitter`."""
+        return {"path": self.path, "runtime": self.runtime, "precision": self.precision}
+
 
 class ScoreSettings(BaseModel):
     """How a score run works.

@@ -16,7 +16,7 @@ import typer
 from padim import settings
 from padim.core import config
 from padim.core.config import DEFAULT_CHANNELS, PadimConfig
-from padim.settings import CPU_BATCH_SIZE, RunnerSettings, TrainSettings, default_of
+from padim.settings import CPU_BATCH_SIZE, GateSettings, RunnerSettings, TrainSettings, default_of
 
 __all__ = [
     "CONTEXT_SETTINGS",
@@ -349,5 +349,32 @@ DriftMaxRatioOpt = Annotated[
         min=1.0,
         metavar="RATIO",
         help="Tonight's median score over the held-out images' median above which a night drifted.",
+    ),
+]
+
+
+# Bounds of the promotion gate (`padim configure` stores them per product; `padim retrain` overrides them).
+MaxThresholdChangeOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-threshold-change",
+        min=0.0,
+        metavar="FRACTION",
+        help="Promotion gate: largest relative move of the image threshold. Default: the product's setting, else "
+        f"{default_of(GateSettings, 'max_threshold_change')}.",
+        show_default=False,
+    ),
+]
+FprToleranceOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--fpr-tolerance",
+        min=0.0,
+        max=1.0,
+        metavar="FRACTION",
+        help="Promotion gate: false alarms on the calibration pool may exceed max(target FPR, 1 / (n + 1)), n the "
+        "held-out images of its calibration, by this much. Default: the product's setting, else "
+        f"{default_of(GateSettings, 'fpr_tolerance')}.",
+        show_default=False,
     ),
 ]

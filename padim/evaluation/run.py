@@ -121,9 +121,7 @@ def _fit_and_calibrate(
         config,
         batch_size=settings.batch_size,
         device=settings.device,
-        path=settings.path,
-        runtime=settings.runtime,
-        precision=settings.precision,
+        **settings.execution,
     )
     for record in fitted.failed:
         logger.warning("skipping training image %s: %s", record.uri, record.error)
@@ -134,9 +132,7 @@ def _fit_and_calibrate(
             fitted.accumulator,
             weights_sha256=fitted.weights_sha256,
             keep_statistics=False,
-            path=settings.path,
-            runtime=settings.runtime,
-            precision=settings.precision,
+            **settings.execution,
             reference=fitted.reference,
         )
         return model, None, None, n_fit, n_skipped

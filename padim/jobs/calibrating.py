@@ -77,7 +77,7 @@ def calibrate_and_merge(
         PadimError: If no held-out image can be scored or the thresholds are degenerate.
         ImageReadError: Storage could not deliver a held-out image.
     """
-    execution = {"path": settings.path, "runtime": settings.runtime, "precision": settings.precision}
+    execution = settings.execution
     provisional = build_model(
         config,
         accumulator,

@@ -208,9 +208,7 @@ def fit_shard(
         config,
         batch_size=settings.batch_size,
         device=settings.device,
-        path=settings.path,
-        runtime=settings.runtime,
-        precision=settings.precision,
+        **settings.execution,
         skip=skip,
         description=description,
     )

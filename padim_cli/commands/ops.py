@@ -11,10 +11,12 @@ from typing import Annotated
 
 import typer
 
-from padim.settings import GateSettings, RetentionSettings, ScoreSettings, TrainSettings, default_of
+from padim.settings import RetentionSettings, ScoreSettings, TrainSettings, default_of
 from padim_cli.options import (
     Device,
     DeviceOpt,
+    FprToleranceOpt,
+    MaxThresholdChangeOpt,
     PrecisionChoice,
     PrecisionOpt,
     ProductOpt,
@@ -119,30 +121,8 @@ def configure(
             show_default=False,
         ),
     ] = None,
-    max_threshold_change: Annotated[
-        float | None,
-        typer.Option(
-            "--max-threshold-change",
-            min=0.0,
-            metavar="FRACTION",
-            help="Promotion gate: largest relative move of the image threshold "
-            f"(default {default_of(GateSettings, 'max_threshold_change')}).",
-            show_default=False,
-        ),
-    ] = None,
-    fpr_tolerance: Annotated[
-        float | None,
-        typer.Option(
-            "--fpr-tolerance",
-            min=0.0,
-            max=1.0,
-            metavar="FRACTION",
-            help="Promotion gate: false alarms on the calibration pool may exceed max(target FPR, 1 / (n + 1)), n the "
-            "held-out images of its calibration, by this much "
-            f"(default {default_of(GateSettings, 'fpr_tolerance')}).",
-            show_default=False,
-        ),
-    ] = None,
+    max_threshold_change: MaxThresholdChangeOpt = None,
+    fpr_tolerance: FprToleranceOpt = None,
     keep_versions: Annotated[
         int | None,
         typer.Option(

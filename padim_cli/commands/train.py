@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from padim.core.config import PadimConfig
-from padim.settings import GateSettings, TrainSettings, default_of
+from padim.settings import TrainSettings, default_of
 from padim_cli.options import (
     AugmentCopiesOpt,
     AugmentFlipOpt,
@@ -27,10 +27,12 @@ from padim_cli.options import (
     Device,
     DeviceOpt,
     FitShardOpt,
+    FprToleranceOpt,
     HoldoutOpt,
     ImageFprOpt,
     ImageSizeOpt,
     JsonOpt,
+    MaxThresholdChangeOpt,
     NeighbourhoodOpt,
     NoCropOpt,
     PixelFprOpt,
@@ -223,30 +225,8 @@ def retrain(
             help="Put the new version in use only if it passes the promotion gate (else it stays a candidate).",
         ),
     ] = True,
-    max_threshold_change: Annotated[
-        float | None,
-        typer.Option(
-            "--max-threshold-change",
-            min=0.0,
-            metavar="FRACTION",
-            help="Gate: largest relative move of the image threshold. Default: the product's setting, else "
-            f"{default_of(GateSettings, 'max_threshold_change')}.",
-            show_default=False,
-        ),
-    ] = None,
-    fpr_tolerance: Annotated[
-        float | None,
-        typer.Option(
-            "--fpr-tolerance",
-            min=0.0,
-            max=1.0,
-            metavar="FRACTION",
-            help="Gate: false alarms on the calibration pool may exceed max(target FPR, 1 / (n + 1)), n the held-out "
-            "images of its calibration, by this much. Default: the "
-            f"product's setting, else {default_of(GateSettings, 'fpr_tolerance')}.",
-            show_default=False,
-        ),
-    ] = None,
+    max_threshold_change: MaxThresholdChangeOpt = None,
+    fpr_tolerance: FprToleranceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Add newly arrived good images to a product's model, or refit it, and publish a new version.
