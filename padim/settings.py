@@ -26,6 +26,8 @@ __all__ = [
     "ExportFormat",
     "GateSettings",
     "Precision",
+    "ProposalSettings",
+    "RemedyCandidate",
     "RetentionSettings",
     "RunnerSettings",
     "Runtime",
@@ -129,6 +131,44 @@ class TrainSettings(BaseModel):
         :func:`~padim.jobs.engine.fit_images`, :func:`~padim.core.fitter.build_model` and
         :class:`~padim.core.fitter.PadimFitter`."""
         return {"path": self.path, "runtime": self.runtime, "precision": self.precision}
+
+
+RemedyCandidate = Literal["plain", "neighbourhood3", "augment4", "augment4_any", "shared"]
+"""A setting ``padim propose`` chooses from (:data:`padim.evaluation.proposal.CANDIDATE_OVERRIDES`): plain
+PaDiM, 3 x 3 locally aware features, 4 augmented copies per image (up to 15 degrees, or any angle), or one
+Gaussian shared by all positions."""
+
+
+class ProposalSettings(BaseModel):
+    """How ``padim propose`` chooses a product's setting from its normal images alone.
+
+    Attributes:
+        candidates: The settings tried, in order of preference on a tie.
+        defects_per_image: Synthetic defective copies of each held-out normal image.
+        tie_tolerance: Probe-AUROC lead that counts as a tie (the earlier candidate keeps its place).
+        confidence: Share of the bootstrap rounds in which the best candidate must lead an earlier
+            one by more than ``tie_tolerance`` to be chosen over it.
+        bootstrap_rounds: Paired bootstrap rounds over the held-out images.
+        seed: Seed of the synthetic defects and of the bootstrap.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    candidates: tuple[RemedyCandidate, ...] = get_args(RemedyCandidate)
+    defects_per_image: int = Field(default=4, ge=1, le=16)
+    tie_tolerance: float = Field(default=0.002, ge=0.0, lt=0.5)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    bootstrap_rounds: int = Field(default=1000, ge=100, le=100_000)
+    seed: int = 0
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidates(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("candidates must name at least one setting")
+        if len(set(value)) != len(value):
+            raise ValueError(f"candidates must not repeat a setting, got {list(value)}")
+        return value
 
 
 class ScoreSettings(BaseModel):

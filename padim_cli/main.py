@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from padim_cli.commands import evaluate, models, ops, report, score, train
+from padim_cli.commands import evaluate, models, ops, propose, report, score, train
 from padim_cli.environment import apply_defaults, debug_enabled
 from padim_cli.errors import describe_error, exit_code_for
 from padim_cli.options import CONTEXT_SETTINGS
@@ -60,6 +60,7 @@ COMMANDS: tuple[Callable[..., Any], ...] = (
     train.train,
     score.score,
     evaluate.evaluate,
+    propose.propose,
     report.report,
     ops.serve,
     train.retrain,

@@ -28,6 +28,7 @@ COMMANDS = (
     "train",
     "score",
     "evaluate",
+    "propose",
     "report",
     "models",
     "serve",
@@ -58,6 +59,7 @@ CONTRACT_FLAGS = {
     ],
     "score": ["--product", "--images", "--store", "--date", "--version", "--batch-size", "--device", "--no-heatmaps"],
     "evaluate": ["DATASET_DIR", "--backbone", "--json", "--figures", "--channels", "--device", "--roc"],
+    "propose": ["IMAGES", "--candidate", "--defects-per-image", "--json", "--backbone", "--holdout-fraction"],
     "report": [
         "--store",
         "--product",

@@ -35,6 +35,7 @@ from padim.jobs.training import plan_training
 from padim.settings import (
     CPU_BATCH_SIZE,
     GateSettings,
+    ProposalSettings,
     RetentionSettings,
     RunnerSettings,
     ScoreSettings,
@@ -56,6 +57,7 @@ SETTINGS_MODELS: dict[str, type[BaseModel]] = {
     "WatchSettings": WatchSettings,
     "GateSettings": GateSettings,
     "RetentionSettings": RetentionSettings,
+    "ProposalSettings": ProposalSettings,
 }
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -130,6 +132,7 @@ HELP_MODELS: dict[str, tuple[type[BaseModel], ...]] = {
     "evaluate": (PadimConfig, TrainSettings),
     "retrain": (TrainSettings,),
     "score": (ScoreSettings,),
+    "propose": (PadimConfig, TrainSettings, ProposalSettings),
 }
 """Which settings models give the defaults of each command's options."""
 
@@ -150,6 +153,7 @@ REQUIRED_HELP_DEFAULTS: dict[str, set[str]] = {
     "evaluate": {"--backbone", "--image-size", "--device", "--holdout-fraction", "--image-fpr", "--pixel-fpr"},
     "retrain": {"--device", "--shard-size"},
     "score": {"--device", "--shard-size"},
+    "propose": {"--backbone", "--image-size", "--device", "--holdout-fraction", "--defects-per-image"},
 }
 """Options whose ``[default: X]`` must be shown and checked (so the check cannot become empty)."""
 
@@ -472,6 +476,8 @@ def test_cli_signature_defaults_are_the_settings_defaults() -> None:
             for model in command_models:
                 if field in model.model_fields:
                     value = parameter.default.value if isinstance(parameter.default, Enum) else parameter.default
+                    if isinstance(value, list):  # a repeatable option: its values, in order
+                        value = tuple(item.value if isinstance(item, Enum) else item for item in value)
                     expected = default_of(model, field)
                     assert value == expected, (
                         f"padim {command} {parameter.name} defaults to {value!r}, "
@@ -586,7 +592,8 @@ def test_reports_doc_quotes_the_score_shard_size() -> None:
 # ---- the README's table of defaults ------------------------------------------------------------
 
 _FIELD_REF = re.compile(
-    r"`(PadimConfig|TrainSettings|ScoreSettings|RunnerSettings|WatchSettings|GateSettings|RetentionSettings)\.(\w+)`"
+    r"`(PadimConfig|TrainSettings|ScoreSettings|RunnerSettings|WatchSettings|GateSettings|RetentionSettings"
+    r"|ProposalSettings)\.(\w+)`"
 )
 
 NOT_IN_DEFAULTS_TABLE = {
@@ -619,6 +626,8 @@ def check_table_cell(model: type[BaseModel], field: str, cell: str) -> None:
         assert rule(cell), f"{where}: {cell!r} does not describe it"
     elif isinstance(default, bool):
         assert cell == ("on" if default else "off"), f"{where}: says {cell!r}"
+    elif isinstance(default, tuple):  # a list of names, in order
+        assert re.findall(r"`(\w+)`", cell) == list(default), f"{where}: says {cell!r}"
     elif isinstance(default, str):
         assert re.match(rf"`{re.escape(default)}`", cell), f"{where}: says {cell!r}"
     else:

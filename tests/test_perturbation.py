@@ -232,3 +232,38 @@ def test_the_shared_data_sets_are_listed_with_every_mask():
     pairs = perturbation.list_source_images(SHARED_DATASETS / "mvtec_bottle")
     assert len(pairs) == 209 + 20 + 63
     assert sum(mask is not None for _, mask in pairs) == 63
+
+
+@pytest.mark.parametrize(
+    ("dx", "dy", "angle"), [(5.0, -3.0, 12.0), (-4.5, 2.0, -15.0), (0.0, 0.0, 90.0), (3.0, 3.0, 200.0)]
+)
+def test_the_inverse_of_a_recorded_transform_puts_the_square_back(dx: float, dy: float, angle: float):
+    anatomy = _load("misalignment_anatomy")
+    _, mask = _picture(0, "RGB")
+    draw = perturbation.Draw(dx=dx, dy=dy, angle=angle, brightness=1.0, contrast=1.0)
+    moved = perturbation.perturb_mask(mask, draw)
+    back = perturbation.perturb_mask(moved, anatomy.inverse_draw({"dx": dx, "dy": dy, "angle": angle}))
+    original = np.asarray(mask) > 0
+    restored = np.asarray(back) > 0
+    np.testing.assert_allclose(_centroid(restored), _centroid(original), atol=0.6)
+    assert (restored != original).mean() < 0.02  # nearest-neighbour rounding at the square's edge only
+    if (dx, dy, angle) != (0.0, 0.0, 90.0):
+        assert not np.array_equal(np.asarray(moved) > 0, original)  # the transform did move it
+
+
+@pytest.mark.parametrize("part", ["shift_only", "rotation_only", "photometric_only"])
+def test_a_part_of_the_perturbation_keeps_the_draws_of_the_others_off(toy_dataset: Path, tmp_path: Path, part: str):
+    anatomy = _load("misalignment_anatomy")
+    spec = anatomy.part_perturbation("shifted", part)
+    full = perturbation.get_perturbation("shifted")
+    assert spec.name == f"shifted_{part}"
+    assert (spec.max_shift > 0) == (part == "shift_only") and (spec.max_shift == full.max_shift or spec.max_shift == 0)
+    assert (spec.max_angle > 0) == (part == "rotation_only")
+    assert (spec.max_photometric > 0) == (part == "photometric_only")
+    relative = "train/good/000.png"
+    whole = perturbation.draw_transform(full, 0, relative, SIZE)
+    alone = perturbation.draw_transform(spec, 0, relative, SIZE)
+    if part == "shift_only":  # the same draw of the kept part: the generator is consumed alike
+        assert (alone.dx, alone.dy, alone.angle) == (whole.dx, whole.dy, 0.0)
+    if part == "rotation_only":
+        assert (alone.angle, alone.dx) == (whole.angle, 0.0)

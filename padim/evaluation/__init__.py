@@ -10,4 +10,6 @@ The top layer of :mod:`padim`: it runs the same engine the jobs run (:mod:`padim
 * :mod:`~padim.evaluation.figures` - per-image heat-map panels and ROC curves.
 * :mod:`~padim.evaluation.evaluate` - ``padim evaluate``: run, summarise, draw.
 * :mod:`~padim.evaluation.synthetic` - the demo's synthetic product with known defects.
+* :mod:`~padim.evaluation.proposal` - ``padim propose``: a product's setting for parts that may not be
+  aligned, from its normal images alone.
 """
