@@ -282,3 +282,23 @@ def test_the_benchmark_table_sets_each_proposal_beside_the_test_set_figures() ->
     assert text.startswith(module.BEGIN) and text.endswith(module.END)
     assert "| mvtec_bottle@shifted | `shared` | 0.9700 | `shared` 0.9700 | 0.7500 | 12 |" in text
     assert "0.9900 (0.500) / 0.9700 **proposed**" in text and "0.9000 (0.500) / 0.7500 |" in text
+
+
+def test_a_corrupt_image_is_left_out_but_a_storage_fault_fails_the_proposal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import padim.evaluation.proposal as proposal_module
+    from padim.errors import ImageReadError
+
+    uris = write_images(tmp_path / "in", halves(3, 0))
+    corrupt = tmp_path / "in" / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    probe = make_probe_set([*uris, str(corrupt)], BASE, tmp_path / "probe", 1, seed=0)
+    assert [uri for uri, _ in probe.failed] == [str(corrupt)] and len(probe.uris) == 6
+
+    def unreachable(uri: str) -> Image.Image:
+        raise ImageReadError(uri, "ConnectionError: storage unreachable")
+
+    monkeypatch.setattr(proposal_module, "load_pil", unreachable)
+    with pytest.raises(ImageReadError, match="unreachable"):
+        make_probe_set(uris, BASE, tmp_path / "probe2", 1, seed=0)

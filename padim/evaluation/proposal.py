@@ -45,7 +45,7 @@ from padim.core.alignment import with_reference
 from padim.core.config import PadimConfig
 from padim.core.fitter import build_model
 from padim.core.preprocessing import compute_geometry
-from padim.errors import PadimError
+from padim.errors import ImageDecodeError, PadimError
 from padim.evaluation.synthetic import make_defect
 from padim.io.loading import load_pil
 from padim.jobs.engine import fit_images, score_images
@@ -295,6 +295,7 @@ def make_probe_set(
 
     Raises:
         PadimError: If fewer than two held-out images can be read.
+        ImageReadError: Storage could not deliver an image (after retries).
     """
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -304,7 +305,7 @@ def make_probe_set(
     for index, uri in enumerate(holdout):
         try:
             image = load_pil(uri).convert("RGB")
-        except PadimError as exc:
+        except ImageDecodeError as exc:  # a bad file is reported and left out; a storage fault is raised
             failed.append((uri, str(exc)))
             continue
         geometry = compute_geometry(image.width, image.height, config)
