@@ -27,6 +27,7 @@ __all__ = [
     "AugmentSeedOpt",
     "AugmentShiftOpt",
     "Backbone",
+    "BackboneOpt",
     "BatchOpt",
     "ChannelsOpt",
     "CropOpt",
@@ -60,6 +61,7 @@ __all__ = [
     "StatisticsOpt",
     "StoreOpt",
     "ToleranceOpt",
+    "WeightsOpt",
     "choice_enum",
     "remedy_options",
 ]
@@ -158,6 +160,10 @@ BatchOpt = Annotated[
         help=f"Images per CNN batch. Default: {CPU_BATCH_SIZE} on a CPU; on a GPU, sized to its free memory.",
         show_default=False,
     ),
+]
+BackboneOpt = Annotated[Backbone, typer.Option("--backbone", help="Feature extractor.")]
+WeightsOpt = Annotated[
+    str | None, typer.Option("--weights", metavar="URL", help="Backbone weights file.", show_default=False)
 ]
 ChannelsOpt = Annotated[
     int | None,

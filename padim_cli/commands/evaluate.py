@@ -20,6 +20,7 @@ from padim_cli.options import (
     AugmentSeedOpt,
     AugmentShiftOpt,
     Backbone,
+    BackboneOpt,
     BatchOpt,
     ChannelsOpt,
     CropOpt,
@@ -41,6 +42,7 @@ from padim_cli.options import (
     StatisticsChoice,
     StatisticsOpt,
     ToleranceOpt,
+    WeightsOpt,
     remedy_options,
 )
 
@@ -52,12 +54,8 @@ def evaluate(
         str,
         typer.Argument(metavar="DATASET_DIR", help="Data set in MVTec AD layout (train/good, test/*, ground_truth/*)."),
     ],
-    backbone: Annotated[Backbone, typer.Option("--backbone", help="Feature extractor.")] = Backbone(
-        default_of(PadimConfig, "backbone")
-    ),
-    weights: Annotated[
-        str | None, typer.Option("--weights", metavar="URL", help="Backbone weights file.", show_default=False)
-    ] = None,
+    backbone: BackboneOpt = Backbone(default_of(PadimConfig, "backbone")),
+    weights: WeightsOpt = None,
     channels: ChannelsOpt = None,
     image_size: ImageSizeOpt = default_of(PadimConfig, "image_size"),
     crop: CropOpt = default_of(PadimConfig, "crop_size"),

@@ -17,6 +17,7 @@ from padim.core.config import PadimConfig
 from padim.settings import ProposalSettings, RemedyCandidate, TrainSettings, default_of
 from padim_cli.options import (
     Backbone,
+    BackboneOpt,
     BatchOpt,
     ChannelsOpt,
     CropOpt,
@@ -27,6 +28,7 @@ from padim_cli.options import (
     NoCropOpt,
     RuntimeChoice,
     RuntimeOpt,
+    WeightsOpt,
     choice_enum,
 )
 
@@ -55,12 +57,8 @@ def proposal_lines(proposal: object) -> list[str]:
 
 def propose(
     images: Annotated[str, typer.Argument(metavar="IMAGES", help="Folder or s3:// prefix of good images.")],
-    backbone: Annotated[Backbone, typer.Option("--backbone", help="Feature extractor.")] = Backbone(
-        default_of(PadimConfig, "backbone")
-    ),
-    weights: Annotated[
-        str | None, typer.Option("--weights", metavar="URL", help="Backbone weights file.", show_default=False)
-    ] = None,
+    backbone: BackboneOpt = Backbone(default_of(PadimConfig, "backbone")),
+    weights: WeightsOpt = None,
     channels: ChannelsOpt = None,
     image_size: ImageSizeOpt = default_of(PadimConfig, "image_size"),
     crop: CropOpt = default_of(PadimConfig, "crop_size"),
